@@ -1,0 +1,16 @@
+// Schemas of the multi-tensor norm and scale behind ganops.clip_grad_norm_.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(ganops, m) {
+  // The norm of every tensor (per_tensor) and of all of them together, in one pass over
+  // memory. Returns (total, per_tensor_norms); per_tensor_norms is empty unless asked for.
+  // The result dtype is float64 if any tensor is float64, else float32.
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor) -> (Tensor, Tensor)");
+  // Scales every tensor in place by min(max_norm / (total_norm + 1e-6), 1), the
+  // coefficient computed on the tensors' device.
+  m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
+  // Test hook, CPU only: runs the CUDA norm kernels' per-thread functions for every block
+  // and thread of the launch the CUDA host code would choose. Returns (times each element
+  // was visited, per-tensor norms, total norm).
+  m.def("_multi_tensor_norm_cuda_launch_check(Tensor[] tensors, float norm_type) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,221 @@
+// Math and work split shared by the CPU and CUDA kernels of the multi-tensor norm and scale.
+//
+// Every tensor is cut into chunks of kChunkSize elements; chunk (tensor k, offset o) covers
+// elements [o, min(o + kChunkSize, numel_k)). One CUDA block (one Triton program) reduces
+// one chunk to a partial; a finishing step combines each tensor's chunks in order, then the
+// tensors in order. The CPU kernel uses the same chunks, one per parallel task, so its result
+// does not depend on the thread count.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ganops/common.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace ganops::clip_grad_norm {
+
+// 16384 elements per chunk: 32 per thread at 512 threads, and few enough chunks that the
+// finishing step stays one block even for multi-GB parameter sets.
+constexpr int64_t kChunkSize = 16384;
+constexpr int kThreads = 512;
+
+enum NormKind : int { kL1 = 0, kL2 = 1, kLInf = 2, kLp = 3 };
+
+struct NormSpec {
+  NormKind kind;
+  double p;
+};
+
+inline NormSpec make_norm_spec(double norm_type) {
+  if (std::isinf(norm_type)) return {kLInf, norm_type};
+  if (norm_type == 1.0) return {kL1, norm_type};
+  if (norm_type == 2.0) return {kL2, norm_type};
+  return {kLp, norm_type};
+}
+
+// One element's contribution: |x|, x^2, |x| (for the max) or |x|^p.
+template <typename Acc>
+GANOPS_HD Acc norm_term(Acc x, NormSpec s) {
+  Acc ax = x < Acc(0) ? -x : x;
+  switch (s.kind) {
+    case kL1: return ax;
+    case kL2: return x * x;
+    case kLInf: return ax;
+    default: return ::pow(ax, Acc(s.p));
+  }
+}
+
+// Combines two partials: a sum, or a NaN-propagating max for the infinity norm.
+template <typename Acc>
+GANOPS_HD Acc norm_combine(Acc a, Acc b, NormSpec s) {
+  return s.kind == kLInf ? nan_max(a, b) : a + b;
+}
+
+// The norm from a combined partial: the p-th root of the sum (nothing for L1 and L-inf).
+template <typename Acc>
+GANOPS_HD Acc norm_finish(Acc total, NormSpec s) {
+  switch (s.kind) {
+    case kL2: return ::sqrt(total);
+    case kLp: return ::pow(total, Acc(1.0 / s.p));
+    default: return total;
+  }
+}
+
+// torch.nn.utils.clip_grads_with_norm_'s coefficient: max_norm / (total + 1e-6), clamped
+// to 1, computed in the norm's dtype. Written so that a NaN norm gives a NaN coefficient,
+// as torch.clamp does, rather than 1.
+template <typename Acc>
+GANOPS_HD Acc clip_coefficient(Acc total_norm, double max_norm) {
+  Acc coef = Acc(max_norm) / (total_norm + Acc(1e-6));
+  return coef > Acc(1) ? Acc(1) : coef;
+}
+
+// Elements of a chunk that thread `tid` of `nthreads` visits: tid, tid + nthreads, ...
+// Consecutive threads touch consecutive elements, so global loads coalesce.
+template <typename F>
+GANOPS_HD void for_each_thread_element(int64_t chunk_len, int tid, int nthreads, F&& f) {
+  for (int64_t i = tid; i < chunk_len; i += nthreads) f(i);
+}
+
+// The partial one thread makes from its elements of a chunk.
+template <typename T, typename Acc>
+GANOPS_HD Acc thread_partial(const T* chunk, int64_t chunk_len, int tid, int nthreads,
+                             NormSpec s) {
+  Acc acc = Acc(0);
+  for_each_thread_element(chunk_len, tid, nthreads,
+                          [&](int64_t i) { acc = norm_combine(acc, norm_term(Acc(chunk[i]), s), s); });
+  return acc;
+}
+
+// The block reduction's order, shared so the CPU check follows the kernel exactly:
+// at each step thread t < stride takes in thread t + stride's value.
+template <typename Acc>
+GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride, NormSpec s) {
+  if (tid < stride) values[tid] = norm_combine(values[tid], values[tid + stride], s);
+}
+
+// Device-side tables, one int64 buffer: for each of n tensors its data pointer, first chunk
+// and chunk count; then for each chunk its tensor, element offset and length.
+struct TableView {
+  const int64_t* ptrs;
+  const int64_t* first_chunk;
+  const int64_t* num_chunks;
+  const int64_t* chunk_tensor;
+  const int64_t* chunk_offset;
+  const int64_t* chunk_len;
+};
+
+GANOPS_HD TableView table_view(const int64_t* buf, int64_t n_tensors, int64_t n_chunks) {
+  return {buf, buf + n_tensors, buf + 2 * n_tensors, buf + 3 * n_tensors,
+          buf + 3 * n_tensors + n_chunks, buf + 3 * n_tensors + 2 * n_chunks};
+}
+
+GANOPS_HD int64_t table_size(int64_t n_tensors, int64_t n_chunks) {
+  return 3 * n_tensors + 3 * n_chunks;
+}
+
+GANOPS_HD int64_t chunks_for(int64_t numel) { return ceil_div(numel, kChunkSize); }
+
+// The finishing block's per-thread work: thread tid combines, in chunk order, the chunks of
+// tensors tid, tid + nthreads, ...; writes each tensor's norm when per_tensor is non-null;
+// returns its combined partial for the block's tree reduction.
+template <typename Acc>
+GANOPS_HD Acc finish_thread(TableView t, const Acc* partials, int64_t n_tensors, int tid,
+                            int nthreads, Acc* per_tensor, NormSpec s) {
+  Acc local = Acc(0);
+  for (int64_t k = tid; k < n_tensors; k += nthreads) {
+    Acc acc = Acc(0);
+    const int64_t first = t.first_chunk[k];
+    for (int64_t c = 0; c < t.num_chunks[k]; ++c) acc = norm_combine(acc, partials[first + c], s);
+    if (per_tensor != nullptr) per_tensor[k] = norm_finish(acc, s);
+    local = norm_combine(local, acc, s);
+  }
+  return local;
+}
+
+// Host side: lays out the tables. Chunks are numbered group by group (a group is one
+// dtype, one kernel launch), so each launch covers one contiguous range of chunks.
+struct TensorEntry {
+  int64_t ptr;
+  int64_t numel;
+  int group;
+};
+
+// Launch groups, one per grad dtype, in a fixed order.
+constexpr int kNumGroups = 4;
+
+inline int dtype_group(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return 0;
+    case c10::kDouble: return 1;
+    case c10::kHalf: return 2;
+    default: return 3;
+  }
+}
+
+// float64 if any tensor is float64, else float32 (half types accumulate in float32).
+inline c10::ScalarType result_dtype(at::TensorList tensors) {
+  for (const auto& t : tensors) {
+    if (t.scalar_type() == c10::kDouble) return c10::kDouble;
+  }
+  return c10::kFloat;
+}
+
+struct Tables {
+  std::vector<int64_t> buffer;
+  std::vector<int64_t> group_first_chunk;  // size n_groups + 1
+  int64_t n_chunks = 0;
+};
+
+// Table entries for contiguous tensors; by_dtype puts each dtype in its own group.
+inline std::vector<TensorEntry> entries_of(const std::vector<at::Tensor>& tensors, bool by_dtype) {
+  std::vector<TensorEntry> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    out.push_back({reinterpret_cast<int64_t>(t.data_ptr()), t.numel(),
+                   by_dtype ? dtype_group(t.scalar_type()) : 0});
+  }
+  return out;
+}
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
+inline Tables build_tables(const std::vector<TensorEntry>& tensors, int n_groups) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  Tables out;
+  out.group_first_chunk.assign(n_groups + 1, 0);
+  for (const auto& e : tensors) out.n_chunks += chunks_for(e.numel);
+  out.buffer.assign(table_size(n, out.n_chunks), 0);
+  int64_t* ptrs = out.buffer.data();
+  int64_t* first_chunk = ptrs + n;
+  int64_t* num_chunks = ptrs + 2 * n;
+  int64_t* chunk_tensor = ptrs + 3 * n;
+  int64_t* chunk_offset = chunk_tensor + out.n_chunks;
+  int64_t* chunk_len = chunk_offset + out.n_chunks;
+  int64_t next = 0;
+  for (int g = 0; g < n_groups; ++g) {
+    out.group_first_chunk[g] = next;
+    for (int64_t k = 0; k < n; ++k) {
+      if (tensors[k].group != g) continue;
+      ptrs[k] = tensors[k].ptr;
+      first_chunk[k] = next;
+      num_chunks[k] = chunks_for(tensors[k].numel);
+      for (int64_t c = 0; c < num_chunks[k]; ++c, ++next) {
+        chunk_tensor[next] = k;
+        chunk_offset[next] = c * kChunkSize;
+        chunk_len[next] = std::min(kChunkSize, tensors[k].numel - c * kChunkSize);
+      }
+    }
+  }
+  out.group_first_chunk[n_groups] = next;
+  return out;
+}
+
+}  // namespace ganops::clip_grad_norm

@@ -1,0 +1,311 @@
+"""Global gradient-norm clipping: a drop-in for torch.nn.utils.clip_grad_norm_.
+
+    total = (Σ_k ‖g_k‖_p^p)^(1/p)    (max_k ‖g_k‖_∞ for p = inf)
+    g_k  ← g_k · min(max_norm / (total + 1e-6), 1)
+
+The kernels are multi-tensor: one pass reads every gradient once into per-chunk partials
+(a fixed number of launches however many tensors there are), the coefficient is computed
+on the device, and a second pass scales the gradients in place, so nothing waits on the
+host unless ``error_if_nonfinite`` asks for a check. Where torch is weak: half-precision
+gradients accumulate in float32 and their norm comes back in float32 (the result dtype is
+float64 if any gradient is float64, else float32); gradients of mixed dtypes and devices
+are fine in one call.
+
+Registered ops: ``ganops::multi_tensor_norm`` / ``ganops::multi_tensor_scale_`` (cpp:
+CPU and CUDA kernels) and ``ganops::multi_tensor_norm_triton`` /
+``ganops::multi_tensor_scale_triton_``. The ``torch`` backend is the reference below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from ganops import _backend, _ext
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+def _check_norm_type(norm_type) -> float:
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a positive number or 'inf', got {norm_type!r}") from None
+    if not p > 0:
+        raise ValueError(f"norm_type must be positive (1, 2, inf or any p > 0), got {norm_type!r}")
+    return p
+
+
+def _check_max_norm(max_norm) -> float:
+    if isinstance(max_norm, torch.Tensor):
+        raise TypeError("max_norm must be a Python number, not a tensor")
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_norm must be a number, got {max_norm!r}") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"max_norm must be non-negative, got {max_norm!r}")
+    return value
+
+
+def _tensor_list(tensors, name: str) -> list[torch.Tensor]:
+    """A single tensor or an iterable of tensors, as a list; anything else is a TypeError."""
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    return out
+
+
+def _check_grads(grads: list[torch.Tensor], name: str) -> None:
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"{name}[{i}] is a {g.layout} tensor; ganops supports dense gradients only")
+        if g.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}[{i}] has dtype {g.dtype}; ganops supports float16, bfloat16, "
+                            f"float32 and float64 gradients")
+
+
+def _grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# The reference (the `torch` backend)
+# ---------------------------------------------------------------------------------------
+
+def multi_tensor_norm_reference(tensors: list[torch.Tensor], norm_type: float, per_tensor: bool,
+                                foreach: bool | None = None):
+    """Pure-PyTorch multi-tensor norm on one device: (total, per-tensor norms or empty).
+
+    Accumulates half types in float32, like the kernels; an empty tensor's norm is 0.
+    """
+    out_dtype = _result_dtype(tensors)
+    norms = torch.zeros(len(tensors), dtype=out_dtype, device=tensors[0].device)
+    nonempty = [k for k, t in enumerate(tensors) if t.numel() > 0]
+    use_foreach = foreach if foreach is not None else tensors[0].device.type == "cuda"
+    for dtype in _FLOAT_DTYPES:
+        idx = [k for k in nonempty if tensors[k].dtype == dtype]
+        if not idx:
+            continue
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        group = [tensors[k] for k in idx]
+        if use_foreach:
+            group_norms = torch._foreach_norm(group, norm_type, dtype=acc)
+        else:
+            group_norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
+        norms[idx] = torch.stack(group_norms).to(out_dtype)
+    total = torch.linalg.vector_norm(norms, norm_type)
+    return total, (norms if per_tensor else norms.new_empty(0))
+
+
+def multi_tensor_scale_reference_(tensors: list[torch.Tensor], total_norm: torch.Tensor,
+                                  max_norm: float) -> None:
+    """Pure-PyTorch in-place scale by min(max_norm / (total_norm + 1e-6), 1)."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for t in tensors:
+        t.mul_(coef.to(t.device))
+
+
+# ---------------------------------------------------------------------------------------
+# Registered ops: fake impls for the compiled ops, Triton ops around their launchers
+# ---------------------------------------------------------------------------------------
+
+def _norm_fake(tensors, norm_type, per_tensor):
+    dtype = _result_dtype(tensors)
+    like = tensors[0]
+    return like.new_empty((), dtype=dtype), like.new_empty((len(tensors) if per_tensor else 0,), dtype=dtype)
+
+
+def _scale_fake(tensors, total_norm, max_norm):
+    return None
+
+
+if _ext.load():
+    torch.library.register_fake("ganops::multi_tensor_norm")(_norm_fake)
+    torch.library.register_fake("ganops::multi_tensor_scale_")(_scale_fake)
+
+
+@torch.library.custom_op("ganops::multi_tensor_norm_triton", mutates_args=())
+def _multi_tensor_norm_triton(tensors: list[torch.Tensor], norm_type: float,
+                              per_tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    return kernels.multi_tensor_norm(tensors, norm_type, per_tensor)
+
+
+@torch.library.custom_op("ganops::multi_tensor_scale_triton_", mutates_args=("tensors",))
+def _multi_tensor_scale_triton_(tensors: list[torch.Tensor], total_norm: torch.Tensor,
+                                max_norm: float) -> None:
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    kernels.multi_tensor_scale_(tensors, total_norm, max_norm)
+
+
+_multi_tensor_norm_triton.register_fake(_norm_fake)
+_multi_tensor_scale_triton_.register_fake(_scale_fake)
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch: one call per device, each served by its backend
+# ---------------------------------------------------------------------------------------
+
+def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(k)
+    return groups
+
+
+def _device_norm(tensors, norm_type, per_tensor, backend, foreach):
+    name = _backend.resolve(backend, tensors[0].device)
+    if name == "cpp":
+        return torch.ops.ganops.multi_tensor_norm(tensors, norm_type, per_tensor)
+    if name == "triton":
+        return torch.ops.ganops.multi_tensor_norm_triton(tensors, norm_type, per_tensor)
+    return multi_tensor_norm_reference(tensors, norm_type, per_tensor, foreach)
+
+
+def _device_scale_(tensors, total_norm, max_norm, backend):
+    name = _backend.resolve(backend, tensors[0].device)
+    total_norm = total_norm.to(tensors[0].device, non_blocking=True)
+    if name == "cpp":
+        torch.ops.ganops.multi_tensor_scale_(tensors, total_norm, max_norm)
+    elif name == "triton":
+        torch.ops.ganops.multi_tensor_scale_triton_(tensors, total_norm, max_norm)
+    else:
+        multi_tensor_scale_reference_(tensors, total_norm, max_norm)
+
+
+def _norms(tensors, norm_type, per_tensor, backend, foreach):
+    """(total, per-tensor norms) over tensors on any mix of devices; both on tensors[0]'s device."""
+    groups = _by_device(tensors)
+    if len(groups) == 1:
+        return _device_norm(tensors, norm_type, per_tensor, backend, foreach)
+    first = tensors[0].device
+    dtype = _result_dtype(tensors)
+    totals, pieces = [], []
+    for idx in groups.values():
+        total, per = _device_norm([tensors[k] for k in idx], norm_type, per_tensor, backend, foreach)
+        totals.append(total.to(first, dtype))
+        pieces.append(per.to(first, dtype))
+    total = torch.linalg.vector_norm(torch.stack(totals), norm_type)
+    if not per_tensor:
+        return total, total.new_empty(0)
+    order = [k for idx in groups.values() for k in idx]
+    per = torch.empty(len(tensors), dtype=dtype, device=first)
+    per[torch.tensor(order, device=first)] = torch.cat(pieces)
+    return total, per
+
+
+def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
+    # The one host synchronisation, and only when the caller asked for the check.
+    if not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} of the gradients is non-finite ({total.item()}), "
+            f"so they cannot be clipped. Pass error_if_nonfinite=False to scale them by the "
+            f"non-finite norm anyway.")
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def get_total_norm(tensors, norm_type: float | str = 2.0, error_if_nonfinite: bool = False,
+                   foreach: bool | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """The norm of all ``tensors`` together, as if concatenated into one vector.
+
+    Like torch.nn.utils.get_total_norm; the result is a 0-dim float32 tensor (float64 if any
+    tensor is float64) on the first tensor's device. ``foreach`` only affects the ``torch``
+    backend: the compiled and Triton kernels are always multi-tensor.
+    """
+    tensors = _tensor_list(tensors, "tensors")
+    p = _check_norm_type(norm_type)
+    _check_grads(tensors, "tensors")
+    if not tensors:
+        return torch.tensor(0.0)
+    total, _ = _norms(tensors, p, False, backend, foreach)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, p)
+    return total
+
+
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
+                          foreach: bool | None = None, *, backend: str | None = None) -> None:
+    """Scales the gradients of ``parameters`` in place by min(max_norm / (total_norm + 1e-6), 1).
+
+    Like torch.nn.utils.clip_grads_with_norm_; the coefficient is computed on the device.
+    """
+    parameters = _tensor_list(parameters, "parameters")
+    max_norm = _check_max_norm(max_norm)
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(f"total_norm must be a tensor, got {type(total_norm).__name__}")
+    grads = _grads_of(parameters)
+    _check_grads(grads, "parameters' gradients")
+    if not grads:
+        return
+    if total_norm.dtype not in (torch.float32, torch.float64):
+        total_norm = total_norm.float()
+    with torch.no_grad():
+        for idx in _by_device(grads).values():
+            _device_scale_([grads[k] for k in idx], total_norm, max_norm, backend)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None, *,
+                    backend: str | None = None) -> torch.Tensor:
+    """Clips the gradient norm of ``parameters`` in place; returns the norm before clipping.
+
+    A drop-in for torch.nn.utils.clip_grad_norm_: ``parameters`` is a tensor or an iterable
+    of tensors (those without ``.grad`` are skipped); the norm is taken over all gradients
+    together; the gradients are multiplied by min(max_norm / (total + 1e-6), 1). With
+    ``error_if_nonfinite=True`` a NaN or infinite norm raises RuntimeError (this check is the
+    only host synchronisation). ``backend`` picks the implementation (see ganops.use_backend).
+    """
+    parameters = _tensor_list(parameters, "parameters")
+    max_norm = _check_max_norm(max_norm)
+    p = _check_norm_type(norm_type)
+    grads = _grads_of(parameters)
+    _check_grads(grads, "parameters' gradients")
+    if not grads:
+        return torch.tensor(0.0)
+    with torch.no_grad():
+        total, _ = _norms(grads, p, False, backend, foreach)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, p)
+        for idx in _by_device(grads).values():
+            _device_scale_([grads[k] for k in idx], total, max_norm, backend)
+    return total
+
+
+def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False, *,
+              backend: str | None = None):
+    """The total gradient norm of ``parameters``, and with ``per_tensor=True`` every gradient's norm.
+
+    Both come from the same single pass and stay on the device, so logging them every step
+    costs no synchronisation per parameter. Returns ``total`` or ``(total, norms)``, where
+    ``norms[i]`` is the norm of the i-th parameter that has a gradient (parameters without
+    ``.grad`` are skipped, as in clip_grad_norm_).
+    """
+    parameters = _tensor_list(parameters, "parameters")
+    p = _check_norm_type(norm_type)
+    grads = _grads_of(parameters)
+    _check_grads(grads, "parameters' gradients")
+    if not grads:
+        total = torch.tensor(0.0)
+        return (total, torch.zeros(0)) if per_tensor else total
+    with torch.no_grad():
+        total, per = _norms(grads, p, per_tensor, backend, None)
+    return (total, per) if per_tensor else total

@@ -1,0 +1,166 @@
+"""Build for ganops: one extension, ``ganops._C``.
+
+The C++ CPU kernels are always compiled. The CUDA kernels are compiled whenever a CUDA
+toolkit whose major version matches torch's is found, with or without a visible GPU.
+
+Environment variables:
+  GANOPS_BUILD_CUDA      1: require the CUDA kernels; 0: skip them; unset: build them if a
+                         matching toolkit is found.
+  TORCH_CUDA_ARCH_LIST   GPU architectures, e.g. "8.0;9.0+PTX". Default: the visible GPUs'
+                         architectures, or "9.0+PTX" when none is visible.
+  MAX_JOBS               parallel compile jobs (ninja). Default: one per 4 GiB of memory,
+                         at most the number of cores.
+  CUDA_HOME              the CUDA toolkit. Default: /usr/local/cuda, then nvcc on PATH.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST_WITHOUT_GPU = "9.0+PTX"
+
+
+def _find_cuda_home():
+    """CUDA_HOME must be set before torch.utils.cpp_extension is imported: left alone, torch
+    guesses it from nvcc's path (/usr/local/cuda/bin/nvcc -> /usr/local) and linking fails."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _default_max_jobs():
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 8
+    # nvcc on torch headers peaks near 3-4 GiB per job.
+    return str(max(1, min(os.cpu_count() or 1, int(mem_gib // 4))))
+
+
+cuda_home = _find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home
+os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+
+import torch  # noqa: E402  (after CUDA_HOME is settled)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _decide_cuda():
+    """Returns (build_cuda, reason)."""
+    forced = os.environ.get("GANOPS_BUILD_CUDA")
+    if forced not in (None, "", "0", "1"):
+        raise SystemExit(f"GANOPS_BUILD_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False, "GANOPS_BUILD_CUDA=0"
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None:
+        problem = "no CUDA toolkit found (set CUDA_HOME)"
+    else:
+        nvcc = _nvcc_version(cuda_home)
+        torch_major = int(torch.version.cuda.split(".")[0])
+        if nvcc is None:
+            problem = f"could not run {cuda_home}/bin/nvcc --version"
+        elif nvcc[0] != torch_major:
+            problem = (f"nvcc {nvcc[0]}.{nvcc[1]} at {cuda_home} does not match the CUDA "
+                       f"{torch.version.cuda} torch was built with")
+    if problem is None:
+        return True, "CUDA toolkit found"
+    if forced == "1":
+        raise SystemExit(f"GANOPS_BUILD_CUDA=1 but the CUDA kernels cannot be built: {problem}")
+    return False, problem
+
+
+build_cuda, cuda_reason = _decide_cuda()
+if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST_WITHOUT_GPU
+arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "native (visible GPUs)") if build_cuda else ""
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+# Found by glob, so a new op touches no build file: csrc/<op>/<op>.cpp, <op>_cpu.cpp, <op>_cuda.cu.
+cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/*/*.cpp")
+cuda_sources = _sources("csrc/*/*_cuda.cu")
+
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+if build_cuda:
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-DGANOPS_WITH_CUDA"]
+    extension = CUDAExtension(
+        "ganops._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + ["-DGANOPS_WITH_CUDA"], "nvcc": nvcc_flags})
+else:
+    extension = CppExtension("ganops._C", cpp_sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx_flags})
+
+
+def _local_version_tag():
+    torch_tag = "pt" + "".join(torch.__version__.split("+")[0].split(".")[:3])
+    cuda_tag = ("cu" + "".join(torch.version.cuda.split(".")[:2])) if build_cuda else "cpu"
+    return f"{torch_tag}{cuda_tag}"
+
+
+def _write_build_info():
+    info = {
+        "version": BASE_VERSION,
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "cuda_kernels": build_cuda,
+        "cuda_kernels_reason": cuda_reason,
+        "nvcc_version": ".".join(map(str, _nvcc_version(cuda_home))) if build_cuda else None,
+        "cuda_arch_list": arch_list,
+    }
+    with open(os.path.join(ROOT, "ganops", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py at build time; do not edit."""\n\n')
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+class BuildExtensionInTree(BuildExtension.with_options(use_ninja=True)):
+    """Keeps object files in build/ under the source tree, so a second build (pip makes a
+    fresh temporary directory for every editable install) recompiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
+BASE_VERSION = "0.1.0"
+_write_build_info()
+
+version = BASE_VERSION
+if os.environ.get("GANOPS_LOCAL_VERSION", "0") == "1":
+    version = f"{BASE_VERSION}+{_local_version_tag()}"
+
+setup(
+    version=version,
+    packages=["ganops", "ganops.ops", "ganops.nn", "ganops.triton_kernels"],
+    package_dir={"ganops.triton_kernels": "triton_kernels"},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtensionInTree},
+)

@@ -1,0 +1,66 @@
+"""Shared fixtures and the tolerance table.
+
+Without a GPU the Triton kernels run in interpreter mode on CPU tensors: TRITON_INTERPRET
+must be set before triton compiles anything, so it is set here, before ganops' Triton
+modules are imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ganops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none is visible")
+
+# Tolerances against a float64 result (DESIGN.md): float64 to ~1e-10, float32 to ~1e-5
+# relative. Half types are held to 2x the error of the reference run in that precision,
+# see assert_within_reference_error; these are the floors of that rule.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-3),
+}
+
+
+def tol(dtype):
+    return TOLERANCES[dtype]
+
+
+def assert_within_reference_error(actual, reference_low, exact, floor_dtype, factor=2.0):
+    """The flash-attention rule: ``actual``'s error against ``exact`` (a float64 result) is
+    at most ``factor`` times the error of the reference run in the same low precision, with
+    the dtype's tolerance as a floor for results the reference happens to get exactly."""
+    exact = exact.double()
+    err = (actual.double() - exact).abs().max().item()
+    ref_err = (reference_low.double() - exact).abs().max().item()
+    t = TOLERANCES[floor_dtype]
+    floor = t["atol"] + t["rtol"] * exact.abs().max().item()
+    assert err <= factor * ref_err + floor, (
+        f"error {err:.3g} exceeds {factor}x the reference's {ref_err:.3g} (+ floor {floor:.3g})")
+
+
+def backends_for(device: str) -> list[str]:
+    """Every backend that can serve ``device`` here; the rest are reported as skips."""
+    return ganops.available_backends(device)
+
+
+def backend_params(devices=("cpu", "cuda")):
+    """(device, backend) pairs for parametrize, each skipped with the reason it cannot run."""
+    params = []
+    for device in devices:
+        for backend in ("cpp", "triton", "torch"):
+            if device == "cuda" and not HAS_CUDA:
+                reason = "needs a CUDA GPU; none is visible"
+            else:
+                reason = ganops._backend.unavailable_reason(backend, device)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
