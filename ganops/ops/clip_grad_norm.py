@@ -87,11 +87,16 @@ def _grads_of(parameters) -> list[torch.Tensor]:
         parameters = list(parameters)
     # One attribute read per parameter: with thousands of parameters this loop is a large
     # part of a call, so the per-element type check runs only if it fails.
+    grads = []
     try:
-        return [g for p in parameters if (g := p.grad) is not None]
+        for p in parameters:
+            g = p.grad
+            if g is not None:
+                grads.append(g)
     except AttributeError:
         _tensor_list(parameters, "parameters")
         raise
+    return grads
 
 
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
