@@ -40,21 +40,20 @@ def _case(name, shapes, device, compile_reference=True, targets=(), rtol=1e-5):
         for p, s in zip(params, saved):
             p.grad.copy_(s)
 
-    def clip_with(fn, **kwargs):
-        def run():
-            total = fn(params, MAX_NORM, **kwargs)
-            return (total, *[p.grad for p in params])
-        return run
+    def clipped(total):
+        return (total, *[p.grad for p in params])
+
+    def impl(label, fn, **kwargs):
+        return Impl(label, lambda: fn(params, MAX_NORM, **kwargs), reset, clipped)
 
     torch_clip = torch.nn.utils.clip_grad_norm_
-    impls = [Impl("torch foreach=True", clip_with(torch_clip, foreach=True), reset)]
+    impls = [impl("torch foreach=True", torch_clip, foreach=True)]
     for backend in ganops.available_backends(device):
-        impls.append(Impl(f"ganops {backend}", clip_with(ganops.clip_grad_norm_, backend=backend), reset))
+        impls.append(impl(f"ganops {backend}", ganops.clip_grad_norm_, backend=backend))
     if compile_reference:
-        compiled = torch.compile(torch_clip, fullgraph=True)
-        impls.append(Impl("torch.compile(torch clip)", clip_with(compiled), reset))
+        impls.append(impl("torch.compile(torch clip)", torch.compile(torch_clip, fullgraph=True)))
     return Case(op="clip_grad_norm", name=name, device=device,
-                reference=Impl("torch foreach=False", clip_with(torch_clip, foreach=False), reset),
+                reference=impl("torch foreach=False", torch_clip, foreach=False),
                 impls=impls, rtol=rtol, atol=1e-7, targets=list(targets))
 
 

@@ -24,8 +24,17 @@ class Impl:
     label: str
     fn: Callable[[], Any]
     reset: Callable[[], None] | None = None
-    # Implementations that are the baselines (torch's own variants) are checked too.
+    # Maps fn's return value to the outputs compared with the reference, untimed: for ops
+    # that work in place, the tensors they changed.
+    result: Callable[[Any], Any] | None = None
     check: bool = True
+
+    def outputs(self):
+        """Resets, runs once and returns the outputs to compare."""
+        if self.reset:
+            self.reset()
+        out = self.fn()
+        return self.result(out) if self.result else out
 
 
 @dataclasses.dataclass
@@ -85,18 +94,12 @@ def max_error(out, ref) -> float:
 
 def verify(case: Case) -> dict[str, float]:
     """Runs the reference and every checked implementation once; returns their max errors."""
-    if case.reference.reset:
-        case.reference.reset()
-    ref = _flatten(case.reference.fn())
-    ref = [r.detach().clone() for r in ref]
+    ref = [r.detach().clone() for r in _flatten(case.reference.outputs())]
     errors = {}
     for impl in case.impls:
         if not impl.check:
             continue
-        if impl.reset:
-            impl.reset()
-        out = impl.fn()
-        err = max_error(out, ref)
+        err = max_error(impl.outputs(), ref)
         scale = max((r.detach().double().abs().max().item() for r in ref if r.numel()), default=0.0)
         if err > case.atol + case.rtol * scale:
             raise VerificationError(
