@@ -107,17 +107,21 @@ def _sources(pattern):
 cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/*/*.cpp")
 cuda_sources = _sources("csrc/*/*_cuda.cu")
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without it every
+# CPU kernel silently runs on one thread. torch ships libgomp, so one runtime is shared.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
 if build_cuda:
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                   "-DGANOPS_WITH_CUDA"]
     extension = CUDAExtension(
         "ganops._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags + ["-DGANOPS_WITH_CUDA"], "nvcc": nvcc_flags})
+        extra_compile_args={"cxx": cxx_flags + ["-DGANOPS_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags)
 else:
     extension = CppExtension("ganops._C", cpp_sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx_flags})
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 def _local_version_tag():
