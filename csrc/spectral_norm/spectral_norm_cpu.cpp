@@ -1,6 +1,6 @@
 // CPU kernels of spectral normalization.
 //
-// W x runs row by row (at::parallel_for over rows, each row one lane-split dot product);
+// W x runs row by row (at::parallel_for over rows, each row one vectorised dot product);
 // W^T x runs over blocks of columns, each block accumulating every row in order into a
 // small array that stays in L1. Every output element is made by one task in a fixed order,
 // and the norms are sequential, so results are bit-identical whatever the thread count.
@@ -15,6 +15,8 @@
 #include <ganops/dispatch.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "spectral_norm/spectral_norm.h"
@@ -26,63 +28,222 @@ namespace {
 constexpr int64_t kGrainElements = 32768;
 // Columns per W^T x task: 512 float accumulators (2 KiB) stay in L1 while rows stream by.
 constexpr int64_t kColBlock = 512;
-constexpr int kLanes = 16;
+// Independent accumulators of the dot products: 8 vectors hide the add latency (16 scalar
+// lanes, the first try, ran 2x slower than torch.mv on 512x4608 float32).
+constexpr int kVecAccs = 8;
 
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+#define GANOPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// 32-byte vectors (GCC/Clang vector extensions): one AVX register, or two SSE registers on
+// the baseline ISA. The reduction order is fixed by the code, not by the compiler.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+template <typename T>
+GANOPS_ALWAYS_INLINE vec_t<T> load_vec(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// a . b over 16 independent lanes, so the compiler vectorises without reassociating one sum.
-template <typename T, typename Acc>
-Acc dot_lanes(const T* a, const T* b, int64_t n) {
-  Acc lanes[kLanes] = {};
+// a . b for float and double: kVecAccs vector accumulators over the bulk, one over the
+// remaining whole vectors, a scalar over the tail, combined pairwise in a fixed order.
+template <typename T>
+GANOPS_ALWAYS_INLINE T dot_vectorized(const T* a, const T* b, int64_t n) {
+  constexpr int W = sizeof(vec_t<T>) / sizeof(T);
+  vec_t<T> acc[kVecAccs] = {};
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += Acc(a[k + l]) * Acc(b[k + l]);
+  for (; k + W * kVecAccs <= n; k += W * kVecAccs) {
+    for (int l = 0; l < kVecAccs; ++l) acc[l] += load_vec(a + k + l * W) * load_vec(b + k + l * W);
+  }
+  for (; k + W <= n; k += W) acc[0] += load_vec(a + k) * load_vec(b + k);
+  for (int w = kVecAccs / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  T lanes[W];
+  std::memcpy(lanes, &acc[0], sizeof(lanes));
+  for (int w = W / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  }
+  T tail = T(0);
+  for (; k < n; ++k) tail += a[k] * b[k];
+  return lanes[0] + tail;
+}
+
+// a . b for half types, converted and accumulated in float over 16 lanes.
+template <typename T, typename Acc>
+GANOPS_ALWAYS_INLINE Acc dot_converted(const T* a, const T* b, int64_t n) {
+  constexpr int L = 16;
+  Acc lanes[L] = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L) {
+    for (int l = 0; l < L; ++l) lanes[l] += Acc(a[k + l]) * Acc(b[k + l]);
   }
   for (; k < n; ++k) lanes[0] += Acc(a[k]) * Acc(b[k]);
-  for (int w = kLanes / 2; w > 0; w /= 2) {
+  for (int w = L / 2; w > 0; w /= 2) {
     for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
   }
   return lanes[0];
 }
 
-template <typename Acc>
-Acc sum_sq(const Acc* x, int64_t n) {
-  return dot_lanes<Acc, Acc>(x, x, n);
+template <typename T, typename Acc>
+GANOPS_ALWAYS_INLINE Acc dot_body(const T* a, const T* b, int64_t n) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return dot_vectorized<T>(a, b, n);
+  } else {
+    return dot_converted<T, Acc>(a, b, n);
+  }
 }
 
-// t = W x: row i is the segments (a, i) of `inner` contiguous elements, a = 0 .. outer - 1.
+// t[i] = (W x)[i] for rows [begin, end): row i is the segments (a, i) of `inner` contiguous
+// elements, a = 0 .. outer - 1.
+template <typename T, typename Acc>
+GANOPS_ALWAYS_INLINE void mat_vec_rows_body(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end,
+                                            Acc* t) {
+  for (int64_t i = begin; i < end; ++i) {
+    Acc acc = Acc(0);
+    for (int64_t a = 0; a < s.outer; ++a) {
+      acc += dot_body<T, Acc>(w + (a * s.rows + i) * s.inner, x + a * s.inner, s.inner);
+    }
+    t[i] = acc;
+  }
+}
+
+// out[0 .. len) = (W^T x)[a * inner + b0 ...], every row added in row order. Four rows per
+// sweep over the accumulators (written as four sequential additions, so the order and the
+// result are those of one row at a time) cut the accumulator traffic fourfold.
+template <typename T, typename Acc>
+GANOPS_ALWAYS_INLINE void mat_t_vec_block_body(const T* w, const T* x, MatrixShape s, int64_t a, int64_t b0,
+                                               int64_t len, Acc* out) {
+  Acc acc[kColBlock];
+  for (int64_t b = 0; b < len; ++b) acc[b] = Acc(0);
+  const int64_t stride = s.inner;
+  const T* base = w + a * s.rows * s.inner + b0;
+  int64_t i = 0;
+  for (; i + 4 <= s.rows; i += 4) {
+    const Acc x0 = Acc(x[i]), x1 = Acc(x[i + 1]), x2 = Acc(x[i + 2]), x3 = Acc(x[i + 3]);
+    const T* r0 = base + i * stride;
+    const T* r1 = r0 + stride;
+    const T* r2 = r1 + stride;
+    const T* r3 = r2 + stride;
+    for (int64_t b = 0; b < len; ++b) {
+      acc[b] = (((acc[b] + x0 * Acc(r0[b])) + x1 * Acc(r1[b])) + x2 * Acc(r2[b])) + x3 * Acc(r3[b]);
+    }
+  }
+  for (; i < s.rows; ++i) {
+    const Acc xi = Acc(x[i]);
+    const T* row = base + i * stride;
+    for (int64_t b = 0; b < len; ++b) acc[b] = acc[b] + xi * Acc(row[b]);
+  }
+  for (int64_t b = 0; b < len; ++b) out[b] = acc[b];
+}
+
+template <typename T, typename Acc>
+GANOPS_ALWAYS_INLINE void scale_range_body(const T* w, int64_t n, Acc inv, T* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(Acc(w[k]) * inv);
+}
+
+// dW = G / sigma - coef u v^T over segments [begin, end), segment (a, i) = a * rows + i.
+template <typename T, typename Acc>
+GANOPS_ALWAYS_INLINE void grad_segments_body(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin,
+                                             int64_t end, Acc inv, Acc coef, T* out) {
+  for (int64_t seg = begin; seg < end; ++seg) {
+    const Acc cu = coef * Acc(u[seg % s.rows]);
+    const T* vs = v + (seg / s.rows) * s.inner;
+    const int64_t k0 = seg * s.inner;
+    for (int64_t b = 0; b < s.inner; ++b) out[k0 + b] = static_cast<T>(Acc(g[k0 + b]) * inv - cu * Acc(vs[b]));
+  }
+}
+
+// The leaf kernels, compiled once for the baseline ISA and once for AVX + FMA (picked at run
+// time): torch's own elementwise kernels on this class of CPU are baseline, but its BLAS
+// matrix-vector products use AVX, and so must ours to keep up.
+#define GANOPS_SPECTRAL_NORM_LEAVES(ATTR)                                                                      \
+  template <typename T, typename Acc>                                                                         \
+  ATTR Acc dot(const T* a, const T* b, int64_t n) {                                                           \
+    return dot_body<T, Acc>(a, b, n);                                                                         \
+  }                                                                                                           \
+  template <typename T, typename Acc>                                                                         \
+  ATTR void mat_vec_rows(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end, Acc* t) {         \
+    mat_vec_rows_body<T, Acc>(w, x, s, begin, end, t);                                                        \
+  }                                                                                                           \
+  template <typename T, typename Acc>                                                                         \
+  ATTR void mat_t_vec_block(const T* w, const T* x, MatrixShape s, int64_t a, int64_t b0, int64_t len,        \
+                            Acc* out) {                                                                       \
+    mat_t_vec_block_body<T, Acc>(w, x, s, a, b0, len, out);                                                   \
+  }                                                                                                           \
+  template <typename T, typename Acc>                                                                         \
+  ATTR void scale_range(const T* w, int64_t n, Acc inv, T* out) {                                             \
+    scale_range_body<T, Acc>(w, n, inv, out);                                                                 \
+  }                                                                                                           \
+  template <typename T, typename Acc>                                                                         \
+  ATTR void grad_segments(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin, int64_t end,      \
+                          Acc inv, Acc coef, T* out) {                                                        \
+    grad_segments_body<T, Acc>(g, u, v, s, begin, end, inv, coef, out);                                       \
+  }
+
+namespace baseline {
+GANOPS_SPECTRAL_NORM_LEAVES()
+}  // namespace baseline
+namespace avx_fma {
+GANOPS_SPECTRAL_NORM_LEAVES(__attribute__((target("avx,fma"))))
+}  // namespace avx_fma
+
+bool cpu_has_avx_fma() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// The leaves for one dtype, for this CPU.
+template <typename T, typename Acc>
+struct Leaves {
+  decltype(&baseline::dot<T, Acc>) dot;
+  decltype(&baseline::mat_vec_rows<T, Acc>) mat_vec_rows;
+  decltype(&baseline::mat_t_vec_block<T, Acc>) mat_t_vec_block;
+  decltype(&baseline::scale_range<T, Acc>) scale_range;
+  decltype(&baseline::grad_segments<T, Acc>) grad_segments;
+
+  static const Leaves& get() {
+    static const Leaves leaves = cpu_has_avx_fma()
+        ? Leaves{avx_fma::dot<T, Acc>, avx_fma::mat_vec_rows<T, Acc>, avx_fma::mat_t_vec_block<T, Acc>,
+                 avx_fma::scale_range<T, Acc>, avx_fma::grad_segments<T, Acc>}
+        : Leaves{baseline::dot<T, Acc>, baseline::mat_vec_rows<T, Acc>, baseline::mat_t_vec_block<T, Acc>,
+                 baseline::scale_range<T, Acc>, baseline::grad_segments<T, Acc>};
+    return leaves;
+  }
+};
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+template <typename Acc>
+Acc sum_sq(const Acc* x, int64_t n) {
+  return Leaves<Acc, Acc>::get().dot(x, x, n);
+}
+
+// t = W x, parallel over rows.
 template <typename T, typename Acc>
 void mat_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
-  at::parallel_for(0, s.rows, grain_for(s.cols()), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      Acc acc = Acc(0);
-      for (int64_t a = 0; a < s.outer; ++a) {
-        acc += dot_lanes<T, Acc>(w + (a * s.rows + i) * s.inner, x + a * s.inner, s.inner);
-      }
-      t[i] = acc;
-    }
-  });
+  const auto& leaves = Leaves<T, Acc>::get();
+  at::parallel_for(0, s.rows, grain_for(s.cols()),
+                   [&](int64_t begin, int64_t end) { leaves.mat_vec_rows(w, x, s, begin, end, t); });
 }
 
 // t = W^T x, one task per (a, block of kColBlock columns of segment a).
 template <typename T, typename Acc>
 void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
+  const auto& leaves = Leaves<T, Acc>::get();
   const int64_t blocks = ceil_div(s.inner, kColBlock);
   at::parallel_for(0, s.outer * blocks, grain_for(s.rows * kColBlock), [&](int64_t begin, int64_t end) {
-    Acc acc[kColBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t a = task / blocks;
       const int64_t b0 = (task % blocks) * kColBlock;
-      const int64_t len = std::min(kColBlock, s.inner - b0);
-      std::fill(acc, acc + len, Acc(0));
-      for (int64_t i = 0; i < s.rows; ++i) {
-        const Acc xi = Acc(x[i]);
-        const T* row = w + (a * s.rows + i) * s.inner + b0;
-        for (int64_t b = 0; b < len; ++b) acc[b] += xi * Acc(row[b]);
-      }
-      std::copy(acc, acc + len, t + a * s.inner + b0);
+      leaves.mat_t_vec_block(w, x, s, a, b0, std::min(kColBlock, s.inner - b0), t + a * s.inner + b0);
     }
   });
 }
@@ -108,7 +269,7 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
   if (n_iter == 0) {
     mat_vec<T, Acc>(wp, vp, s, t.data());
     std::vector<Acc> uu(up, up + s.rows);
-    sigma = dot_lanes<Acc, Acc>(uu.data(), t.data(), s.rows);
+    sigma = Leaves<Acc, Acc>::get().dot(uu.data(), t.data(), s.rows);
   } else {
     std::vector<Acc> c(s.cols());
     Acc ss = Acc(0);
@@ -155,9 +316,9 @@ std::tuple<at::Tensor, at::Tensor> spectral_norm_scale_cpu(const at::Tensor& wei
     const Acc inv = Acc(1) / sigma.const_data_ptr<Acc>()[0];
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrainElements, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) op[k] = static_cast<scalar_t>(Acc(wp[k]) * inv);
-    });
+    const auto& leaves = Leaves<scalar_t, Acc>::get();
+    at::parallel_for(0, n, kGrainElements,
+                     [&](int64_t begin, int64_t end) { leaves.scale_range(wp + begin, end - begin, inv, op + begin); });
   });
   return {out, sigma.clone()};
 }
@@ -187,12 +348,13 @@ at::Tensor spectral_norm_scale_backward_cpu(const at::Tensor& grad, const std::o
     const T* vp = vc.const_data_ptr<T>();
     T* op = out.data_ptr<T>();
     // Pass 1: <G, W>, chunk partials combined in chunk order.
+    const auto& leaves = Leaves<T, Acc>::get();
     const int64_t n_chunks = ceil_div(n, kChunkSize);
     std::vector<Acc> partials(n_chunks);
     at::parallel_for(0, n_chunks, grain_for(kChunkSize), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t k0 = c * kChunkSize;
-        partials[c] = dot_lanes<T, Acc>(gp + k0, wp + k0, std::min(kChunkSize, n - k0));
+        partials[c] = leaves.dot(gp + k0, wp + k0, std::min(kChunkSize, n - k0));
       }
     });
     Acc gw = Acc(0);
@@ -202,14 +364,7 @@ at::Tensor spectral_norm_scale_backward_cpu(const at::Tensor& grad, const std::o
     const Acc inv = Acc(1) / sig;
     // Pass 2: dW = G / sigma - coef u v^T, segment (a, i) by segment.
     at::parallel_for(0, s.outer * s.rows, grain_for(s.inner), [&](int64_t begin, int64_t end) {
-      for (int64_t seg = begin; seg < end; ++seg) {
-        const Acc cu = coef * Acc(up[seg % s.rows]);
-        const T* vs = vp + (seg / s.rows) * s.inner;
-        const int64_t k0 = seg * s.inner;
-        for (int64_t b = 0; b < s.inner; ++b) {
-          op[k0 + b] = static_cast<T>(Acc(gp[k0 + b]) * inv - cu * Acc(vs[b]));
-        }
-      }
+      leaves.grad_segments(gp, up, vp, s, begin, end, inv, coef, op);
     });
   });
   return out;
