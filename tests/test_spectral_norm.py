@@ -331,11 +331,13 @@ def test_bad_functional_arguments_name_the_argument():
 def test_compiled_ops_check_their_inputs():
     w, u, v = torch.randn(4, 6), torch.randn(4), torch.randn(6)
     with pytest.raises(RuntimeError, match="dim must be in"):
-        torch.ops.ganops.spectral_norm_sigma_(w, u, v, 2, 1, 1e-12)
+        torch.ops.ganops.spectral_norm_forward_(w, u, v, 2, 1, 1e-12)
     with pytest.raises(RuntimeError, match="v must be 1-D with 6"):
-        torch.ops.ganops.spectral_norm_sigma_(w, u, torch.randn(5), 0, 1, 1e-12)
+        torch.ops.ganops.spectral_norm_forward_(w, u, torch.randn(5), 0, 1, 1e-12)
+    with pytest.raises(RuntimeError, match="n_power_iterations must be >= 0"):
+        torch.ops.ganops.spectral_norm_forward_(w, u, v, 0, -1, 1e-12)
     with pytest.raises(RuntimeError, match="sigma must be"):
-        torch.ops.ganops.spectral_norm_scale(w, u, v, torch.tensor(1.0, dtype=torch.float64), 0)
+        torch.ops.ganops.spectral_norm_backward(w, None, w, u, v, torch.tensor(1.0, dtype=torch.float64), 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,9 +393,8 @@ def test_cpu_kernels_bit_identical_across_thread_counts():
         assert all(torch.equal(a, b) for a, b in zip(other, results[0]))
 
 
-_TRITON_OPS = {"spectral_norm_sigma_": "spectral_norm_sigma_triton_",
-               "spectral_norm_scale": "spectral_norm_scale_triton",
-               "spectral_norm_scale_backward": "spectral_norm_scale_backward_triton"}
+_TRITON_OPS = {"spectral_norm_forward_": "spectral_norm_forward_triton_",
+               "spectral_norm_backward": "spectral_norm_backward_triton"}
 
 
 def _op(name, backend):
@@ -406,12 +407,11 @@ def test_opcheck(device, backend):
     w = torch.randn(5, 2, 3, generator=g).to(device)
     u, v = torch.randn(2, generator=g).to(device), torch.randn(15, generator=g).to(device)
     for n in (0, 2):
-        torch.library.opcheck(_op("spectral_norm_sigma_", backend), (w, u.clone(), v.clone(), 1, n, 1e-12))
+        torch.library.opcheck(_op("spectral_norm_forward_", backend), (w, u.clone(), v.clone(), 1, n, 1e-12))
     sigma = torch.tensor(1.7, device=device)
-    torch.library.opcheck(_op("spectral_norm_scale", backend), (w.clone().requires_grad_(), u, v, sigma, 1))
     grad = torch.randn(5, 2, 3, generator=g).to(device)
     for grad_sigma in (None, torch.tensor(0.3, device=device)):
-        torch.library.opcheck(_op("spectral_norm_scale_backward", backend), (grad, grad_sigma, w, u, v, sigma, 1))
+        torch.library.opcheck(_op("spectral_norm_backward", backend), (grad, grad_sigma, w, u, v, sigma, 1))
 
 
 @pytest.mark.parametrize("device,backend", [p for p in COMPILED if p.values[1] == "cpp"])

@@ -175,8 +175,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def spectral_norm_sigma_(weight, u, v, dim: int, n_power_iterations: int, eps: float):
-    """(sigma, u copy, v copy) after n_power_iterations in place on u, v (0: eval, sigma = u^T W v)."""
+def spectral_norm_forward_(weight, u, v, dim: int, n_power_iterations: int, eps: float):
+    """(weight / sigma, sigma, u copy, v copy) after n_power_iterations in place on u, v
+    (0: eval mode, sigma = u^T W v)."""
     w = weight.contiguous()
     outer, rows, inner = matrix_shape(w, dim)
     cols = outer * inner
@@ -196,22 +197,16 @@ def spectral_norm_sigma_(weight, u, v, dim: int, n_power_iterations: int, eps: f
             _col_partial_kernel[(triton.cdiv(cols, BLOCK), n_row_chunks)](
                 w, uc, partials, rows, inner, cols, ROWS_PER_CHUNK=ROWS_PER_CHUNK, BLOCK=BLOCK)
             _finish_cols_kernel[(1,)](partials, cols, n_row_chunks, vc, sigma, eps, BLOCK=BLOCK)
+    out = torch.empty_like(w)
+    _scale_kernel[(triton.cdiv(w.numel(), CHUNK_SIZE),)](w, w.numel(), sigma, out, CHUNK=CHUNK_SIZE)
     if uc is not u:
         u.copy_(uc)
     if vc is not v:
         v.copy_(vc)
-    return sigma, uc.clone(), vc.clone()
+    return out, sigma, uc.clone(), vc.clone()
 
 
-def spectral_norm_scale(weight, sigma):
-    """weight / sigma, read from device memory."""
-    w = weight.contiguous()
-    out = torch.empty_like(w)
-    _scale_kernel[(triton.cdiv(w.numel(), CHUNK_SIZE),)](w, w.numel(), sigma, out, CHUNK=CHUNK_SIZE)
-    return out
-
-
-def spectral_norm_scale_backward(grad, grad_sigma, weight, u, v, sigma, dim: int):
+def spectral_norm_backward(grad, grad_sigma, weight, u, v, sigma, dim: int):
     """dW = (G - <G, W / sigma> u v^T) / sigma + grad_sigma u v^T."""
     w, g = weight.contiguous(), grad.contiguous()
     _, rows, inner = matrix_shape(w, dim)

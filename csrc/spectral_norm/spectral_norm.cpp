@@ -8,16 +8,14 @@
 
 TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // Runs n_power_iterations of u <- normalize(W v), v <- normalize(W^T u), updating u and v
-  // in place, and returns (sigma, u_used, v_used): sigma = u^T W v from the last iteration's
-  // norm, and copies of the final u and v for the backward (the buffers may change again
-  // before it runs, as in D(real) - D(fake)). n_power_iterations = 0 (eval mode) leaves u, v
-  // alone and computes sigma = u^T W v with one matrix-vector product.
-  m.def("spectral_norm_sigma_(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, "
-        "float eps) -> (Tensor, Tensor, Tensor)");
-  // (weight / sigma, sigma): the normalised weight and a copy of sigma that carries its gradient.
-  m.def("spectral_norm_scale(Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim) -> (Tensor, Tensor)");
+  // in place, and returns (weight / sigma, sigma, u_used, v_used): sigma = u^T W v from the
+  // last iteration's norm, and copies of the final u and v for the backward (the buffers may
+  // change again before it runs, as in D(real) - D(fake)). n_power_iterations = 0 (eval
+  // mode) leaves u, v alone and computes sigma = u^T W v with one matrix-vector product.
+  m.def("spectral_norm_forward_(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, "
+        "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // dW = (G - <G, W/sigma> u v^T) / sigma + grad_sigma u v^T, for sigma = u^T W v with u, v constant.
-  m.def("spectral_norm_scale_backward(Tensor grad, Tensor? grad_sigma, Tensor weight, Tensor u, Tensor v, "
+  m.def("spectral_norm_backward(Tensor grad, Tensor? grad_sigma, Tensor weight, Tensor u, Tensor v, "
         "Tensor sigma, int dim) -> Tensor");
   // Test hook, CPU only: runs the CUDA kernels' per-thread functions for every block and
   // thread of the launches the CUDA host code would choose, for one power iteration, the

@@ -286,44 +286,31 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_sigma_cpu(const at::Tensor& weight, at::Tensor& u,
-                                                                       at::Tensor& v, int64_t dim,
-                                                                       int64_t n_power_iterations, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cpu(
+    const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
   const at::Tensor w = weight.contiguous();
   at::Tensor uc = u.contiguous();
   at::Tensor vc = v.contiguous();
   at::Tensor sigma;
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_sigma_cpu", [&] {
-    sigma = sigma_impl<scalar_t>(w, uc, vc, s, n_power_iterations, eps);
-  });
-  if (!uc.is_same(u)) u.copy_(uc);
-  if (!vc.is_same(v)) v.copy_(vc);
-  return {sigma, uc.clone(), vc.clone()};
-}
-
-std::tuple<at::Tensor, at::Tensor> spectral_norm_scale_cpu(const at::Tensor& weight, const at::Tensor& u,
-                                                           const at::Tensor& v, const at::Tensor& sigma,
-                                                           int64_t dim) {
-  check_weight_u_v(weight, u, v, dim);
-  check_sigma(sigma, weight);
-  const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty_like(w);
-  const int64_t n = w.numel();
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_scale_cpu", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_forward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
+    sigma = sigma_impl<scalar_t>(w, uc, vc, s, n_power_iterations, eps);
     const Acc inv = Acc(1) / sigma.const_data_ptr<Acc>()[0];
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const auto& leaves = Leaves<scalar_t, Acc>::get();
-    at::parallel_for(0, n, kGrainElements,
+    at::parallel_for(0, s.numel(), kGrainElements,
                      [&](int64_t begin, int64_t end) { leaves.scale_range(wp + begin, end - begin, inv, op + begin); });
   });
-  return {out, sigma.clone()};
+  if (!uc.is_same(u)) u.copy_(uc);
+  if (!vc.is_same(v)) v.copy_(vc);
+  return {out, sigma, uc.clone(), vc.clone()};
 }
 
-at::Tensor spectral_norm_scale_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
+at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                             const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                             const at::Tensor& sigma, int64_t dim) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
@@ -339,7 +326,7 @@ at::Tensor spectral_norm_scale_backward_cpu(const at::Tensor& grad, const std::o
   const at::Tensor vc = v.contiguous();
   at::Tensor out = at::empty_like(w);
   const int64_t n = w.numel();
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_scale_backward_cpu", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
     const T* wp = w.const_data_ptr<T>();
@@ -481,9 +468,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ganops, CPU, m) {
-  m.impl("spectral_norm_sigma_", &spectral_norm_sigma_cpu);
-  m.impl("spectral_norm_scale", &spectral_norm_scale_cpu);
-  m.impl("spectral_norm_scale_backward", &spectral_norm_scale_backward_cpu);
+  m.impl("spectral_norm_forward_", &spectral_norm_forward_cpu);
+  m.impl("spectral_norm_backward", &spectral_norm_backward_cpu);
   m.impl("_spectral_norm_cuda_launch_check", &cuda_launch_check);
 }
 

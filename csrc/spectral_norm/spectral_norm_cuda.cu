@@ -106,9 +106,8 @@ __global__ void __launch_bounds__(kThreads)
                          [&](int64_t k) { out[k] = grad_weight_element<T, Acc>(g, u, v, s, k, inv, c); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_sigma_cuda(const at::Tensor& weight, at::Tensor& u,
-                                                                        at::Tensor& v, int64_t dim,
-                                                                        int64_t n_power_iterations, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cuda(
+    const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
   TORCH_CHECK(row_chunks(s.rows) <= 65535, "spectral_norm (CUDA): size(dim) must be at most ",
@@ -121,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_sigma_cuda(const at
   const auto acc_opts = w.options().dtype(sigma_dtype(w.scalar_type()));
   at::Tensor sigma = at::empty({}, acc_opts);
   at::Tensor t = at::empty({s.rows}, acc_opts);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_sigma_cuda", [&] {
+  at::Tensor out = at::empty_like(w);
+  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
     const T* wp = w.const_data_ptr<T>();
@@ -134,10 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_sigma_cuda(const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       eval_sigma_kernel<T, Acc><<<1, kThreads, 0, stream>>>(up, tp, s.rows, sp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
     }
     const int64_t n_row_chunks = row_chunks(s.rows);
-    at::Tensor partials = at::empty({n_row_chunks * s.cols()}, acc_opts);
+    at::Tensor partials = at::empty({n_power_iterations > 0 ? n_row_chunks * s.cols() : 0}, acc_opts);
     Acc* pp = partials.data_ptr<Acc>();
     const dim3 col_grid(static_cast<unsigned>(ceil_div(s.cols(), kThreads)), static_cast<unsigned>(n_row_chunks));
     for (int64_t it = 0; it < n_power_iterations; ++it) {
@@ -150,32 +149,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_sigma_cuda(const at
       finish_cols_kernel<T, Acc><<<1, kThreads, 0, stream>>>(pp, s.cols(), n_row_chunks, eps, vp, sp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    scale_kernel<T, Acc><<<ceil_div(s.numel(), kChunkSize), kThreads, 0, stream>>>(wp, s.numel(), sp,
+                                                                                 out.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!uc.is_same(u)) u.copy_(uc);
   if (!vc.is_same(v)) v.copy_(vc);
-  return {sigma, uc.clone(), vc.clone()};
+  return {out, sigma, uc.clone(), vc.clone()};
 }
 
-std::tuple<at::Tensor, at::Tensor> spectral_norm_scale_cuda(const at::Tensor& weight, const at::Tensor& u,
-                                                            const at::Tensor& v, const at::Tensor& sigma,
-                                                            int64_t dim) {
-  check_weight_u_v(weight, u, v, dim);
-  check_sigma(sigma, weight);
-  c10::cuda::CUDAGuard guard(weight.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = weight.contiguous();
-  at::Tensor out = at::empty_like(w);
-  const int64_t n = w.numel();
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_scale_cuda", [&] {
-    using Acc = acc_t<scalar_t>;
-    scale_kernel<scalar_t, Acc><<<ceil_div(n, kChunkSize), kThreads, 0, stream>>>(
-        w.const_data_ptr<scalar_t>(), n, sigma.const_data_ptr<Acc>(), out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {out, sigma.clone()};
-}
-
-at::Tensor spectral_norm_scale_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
+at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                              const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                              const at::Tensor& sigma, int64_t dim) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
@@ -197,7 +180,7 @@ at::Tensor spectral_norm_scale_backward_cuda(const at::Tensor& grad, const std::
   const int64_t n_chunks = ceil_div(n, kChunkSize);
   const auto acc_opts = w.options().dtype(sigma_dtype(w.scalar_type()));
   at::Tensor partials = at::empty({n_chunks + 1}, acc_opts);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_scale_backward_cuda", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
     Acc* pp = partials.data_ptr<Acc>();
@@ -220,9 +203,8 @@ at::Tensor spectral_norm_scale_backward_cuda(const at::Tensor& grad, const std::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("spectral_norm_sigma_", &spectral_norm_sigma_cuda);
-  m.impl("spectral_norm_scale", &spectral_norm_scale_cuda);
-  m.impl("spectral_norm_scale_backward", &spectral_norm_scale_backward_cuda);
+  m.impl("spectral_norm_forward_", &spectral_norm_forward_cuda);
+  m.impl("spectral_norm_backward", &spectral_norm_backward_cuda);
 }
 
 }  // namespace ganops::spectral_norm

@@ -53,9 +53,9 @@ class SpectralNorm(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
-        weight_sn, _ = ops.spectral_normalize(weight, self._u, self._v, n_power_iterations=self.n_power_iterations,
-                                              eps=self.eps, dim=self.dim, training=self.training,
-                                              backend=self.backend)
+        # Arguments were checked at registration; the kernels check shapes and dtypes again.
+        weight_sn, _ = ops.normalize_unchecked(weight, self._u, self._v, self.n_power_iterations, self.eps, self.dim,
+                                               self.training, self.backend)
         return weight_sn
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:

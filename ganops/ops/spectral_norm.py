@@ -15,9 +15,11 @@ matrix-vector product; one more pass writes W / sigma. The backward is two passe
 then dW. Half-precision weights accumulate in float32 and their sigma is float32; u and v
 keep the weight's dtype, like torch's buffers.
 
-Registered ops: ``ganops::spectral_norm_sigma_``, ``ganops::spectral_norm_scale``,
-``ganops::spectral_norm_scale_backward`` (cpp: CPU and CUDA kernels) and their ``_triton``
-twins. The ``torch`` backend is the reference below, torch's own parametrization math.
+Registered ops: ``ganops::spectral_norm_forward_`` (power iteration in place, sigma and
+W / sigma in one call) and ``ganops::spectral_norm_backward`` (cpp: CPU and CUDA kernels),
+and their Triton twins ``spectral_norm_forward_triton_`` / ``spectral_norm_backward_triton``;
+the autograd Function _SpectralNormalize joins them. The ``torch`` backend is the reference
+below, torch's own parametrization math.
 """
 
 from __future__ import annotations
@@ -140,92 +142,88 @@ def _sigma_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _sigma_fake(weight, u, v, dim, n_power_iterations, eps):
-    return (weight.new_empty((), dtype=_sigma_dtype(weight.dtype)), u.new_empty(u.shape), v.new_empty(v.shape))
+def _forward_fake(weight, u, v, dim, n_power_iterations, eps):
+    return (weight.new_empty(weight.shape), weight.new_empty((), dtype=_sigma_dtype(weight.dtype)),
+            u.new_empty(u.shape), v.new_empty(v.shape))
 
 
-def _scale_fake(weight, u, v, sigma, dim):
-    return weight.new_empty(weight.shape), sigma.new_empty(())
-
-
-def _scale_backward_fake(grad, grad_sigma, weight, u, v, sigma, dim):
+def _backward_fake(grad, grad_sigma, weight, u, v, sigma, dim):
     return weight.new_empty(weight.shape)
 
 
-@torch.library.custom_op("ganops::spectral_norm_sigma_triton_", mutates_args=("u", "v"))
-def _spectral_norm_sigma_triton_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
-                                 n_power_iterations: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("ganops::spectral_norm_forward_triton_", mutates_args=("u", "v"))
+def _spectral_norm_forward_triton_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
+                                   n_power_iterations: int,
+                                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ganops.triton_kernels import spectral_norm as kernels
-    return kernels.spectral_norm_sigma_(weight, u, v, dim, n_power_iterations, eps)
+    return kernels.spectral_norm_forward_(weight, u, v, dim, n_power_iterations, eps)
 
 
-@torch.library.custom_op("ganops::spectral_norm_scale_triton", mutates_args=())
-def _spectral_norm_scale_triton(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-                                dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("ganops::spectral_norm_backward_triton", mutates_args=())
+def _spectral_norm_backward_triton(grad: torch.Tensor, grad_sigma: torch.Tensor | None, weight: torch.Tensor,
+                                   u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
     from ganops.triton_kernels import spectral_norm as kernels
-    return kernels.spectral_norm_scale(weight, sigma), sigma.clone()
+    return kernels.spectral_norm_backward(grad, grad_sigma, weight, u, v, sigma, dim)
 
 
-@torch.library.custom_op("ganops::spectral_norm_scale_backward_triton", mutates_args=())
-def _spectral_norm_scale_backward_triton(grad: torch.Tensor, grad_sigma: torch.Tensor | None, weight: torch.Tensor,
-                                         u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-                                         dim: int) -> torch.Tensor:
-    from ganops.triton_kernels import spectral_norm as kernels
-    return kernels.spectral_norm_scale_backward(grad, grad_sigma, weight, u, v, sigma, dim)
-
-
-_spectral_norm_sigma_triton_.register_fake(_sigma_fake)
-_spectral_norm_scale_triton.register_fake(_scale_fake)
-_spectral_norm_scale_backward_triton.register_fake(_scale_backward_fake)
-
-
-def _scale_setup_context(ctx, inputs, output):
-    weight, u, v, sigma, dim = inputs
-    ctx.save_for_backward(weight, u, v, sigma)
-    ctx.dim = dim
-
-
-def _scale_backward_with(backward_op):
-    """The autograd formula of (W / sigma, sigma) for sigma = u^T W v, u and v constant."""
-    def backward(ctx, grad_weight_sn, grad_sigma):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        weight, u, v, sigma = ctx.saved_tensors
-        if grad_weight_sn is None:
-            grad_weight_sn = torch.zeros_like(weight)
-        grad_weight = backward_op(grad_weight_sn, grad_sigma, weight, u, v, sigma, ctx.dim)
-        return grad_weight, None, None, None, None
-    return backward
-
+_spectral_norm_forward_triton_.register_fake(_forward_fake)
+_spectral_norm_backward_triton.register_fake(_backward_fake)
 
 if _ext.load():
-    torch.library.register_fake("ganops::spectral_norm_sigma_")(_sigma_fake)
-    torch.library.register_fake("ganops::spectral_norm_scale")(_scale_fake)
-    torch.library.register_fake("ganops::spectral_norm_scale_backward")(_scale_backward_fake)
-    torch.library.register_autograd(
-        "ganops::spectral_norm_scale", _scale_backward_with(torch.ops.ganops.spectral_norm_scale_backward),
-        setup_context=_scale_setup_context)
-torch.library.register_autograd(
-    "ganops::spectral_norm_scale_triton",
-    _scale_backward_with(torch.ops.ganops.spectral_norm_scale_backward_triton),
-    setup_context=_scale_setup_context)
+    torch.library.register_fake("ganops::spectral_norm_forward_")(_forward_fake)
+    torch.library.register_fake("ganops::spectral_norm_backward")(_backward_fake)
 
 
 def _ops(name: str):
-    """(sigma op, scale op) of a compiled backend."""
+    """(forward op, backward op) of a compiled backend, as overloads: calling an overload
+    skips the packet's overload resolution, a few microseconds per call on small layers."""
     if name == "cpp":
-        return torch.ops.ganops.spectral_norm_sigma_, torch.ops.ganops.spectral_norm_scale
-    return torch.ops.ganops.spectral_norm_sigma_triton_, torch.ops.ganops.spectral_norm_scale_triton
+        return torch.ops.ganops.spectral_norm_forward_.default, torch.ops.ganops.spectral_norm_backward.default
+    return (torch.ops.ganops.spectral_norm_forward_triton_.default,
+            torch.ops.ganops.spectral_norm_backward_triton.default)
+
+
+class _SpectralNormalize(torch.autograd.Function):
+    """(W / sigma, sigma) with sigma = u^T W v; u, v updated in place, constants of the gradient.
+
+    One autograd node around one forward op: the module's forward costs one dispatch, which
+    is most of the time on small layers (64 x 48: the ops themselves take a few microseconds).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, u, v, n_power_iterations, eps, dim, backend):
+        forward_op, backward_op = _ops(backend)
+        weight_sn, sigma, u_used, v_used = forward_op(weight, u, v, dim, n_power_iterations, eps)
+        ctx.save_for_backward(weight, u_used, v_used, sigma)
+        ctx.dim = dim
+        ctx.backward_op = backward_op
+        return weight_sn, sigma
+
+    @staticmethod
+    def backward(ctx, grad_weight_sn, grad_sigma):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        weight, u, v, sigma = ctx.saved_tensors
+        if grad_weight_sn is None:
+            grad_weight_sn = torch.zeros_like(weight)
+        grad_weight = ctx.backward_op(grad_weight_sn, grad_sigma, weight, u, v, sigma, ctx.dim)
+        return grad_weight, None, None, None, None, None, None
 
 
 def power_iteration_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int,
                      eps: float, dim: int, backend: str | None = None) -> None:
     """n_power_iterations of the power method on u, v in place (the registration warm-up)."""
+    with torch.no_grad():
+        normalize_unchecked(weight, u, v, n_power_iterations, eps, dim, True, backend)
+
+
+def normalize_unchecked(weight, u, v, n_power_iterations: int, eps: float, dim: int, training: bool,
+                        backend: str | None):
+    """spectral_normalize for arguments already checked (the module checks them once)."""
     name = _backend.resolve(backend, weight.device)
     if name == "torch":
-        spectral_normalize_reference(weight.detach(), u, v, n_power_iterations, eps, dim, True)
-    else:
-        _ops(name)[0](weight.detach(), u, v, dim, n_power_iterations, eps)
+        return spectral_normalize_reference(weight, u, v, n_power_iterations, eps, dim, training)
+    return _SpectralNormalize.apply(weight, u, v, n_power_iterations if training else 0, eps, dim, name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,9 +254,4 @@ def spectral_normalize(weight: torch.Tensor, u: torch.Tensor | None, v: torch.Te
     rows, cols = matrix_size(weight, dim)
     _check_vector(u, "u", rows, weight)
     _check_vector(v, "v", cols, weight)
-    name = _backend.resolve(backend, weight.device)
-    if name == "torch":
-        return spectral_normalize_reference(weight, u, v, n, eps, dim, training)
-    sigma_op, scale_op = _ops(name)
-    sigma, u_used, v_used = sigma_op(weight.detach(), u, v, dim, n if training else 0, eps)
-    return scale_op(weight, u_used, v_used, sigma, dim)
+    return normalize_unchecked(weight, u, v, n, eps, dim, training, backend)
