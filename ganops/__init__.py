@@ -15,13 +15,16 @@ from ganops._backend import (
     use_backend,
 )
 from ganops._ext import build_info
+from ganops.nn.spectral_norm import SpectralNorm, spectral_norm
 from ganops.ops.clip_grad_norm import clip_grad_norm_, clip_grads_with_norm_, get_total_norm, grad_norm
+from ganops.ops.spectral_norm import spectral_normalize
 
 _ext.load()
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "SpectralNorm",
     "available_backends",
     "build_info",
     "clip_grad_norm_",
@@ -30,5 +33,7 @@ __all__ = [
     "get_backend",
     "grad_norm",
     "set_backend",
+    "spectral_norm",
+    "spectral_normalize",
     "use_backend",
 ]

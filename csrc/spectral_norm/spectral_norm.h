@@ -1,0 +1,208 @@
+// Math and work split shared by the CPU and CUDA kernels of spectral normalization.
+//
+// The weight (any rank >= 2, contiguous) is read in place as the matrix torch builds with
+// weight.permute(dim, ...).flatten(1), without that copy: with
+//   outer = prod(sizes before dim), rows = size(dim), inner = prod(sizes after dim),
+// matrix element (i, j), j = a * inner + b, lives at offset (a * rows + i) * inner + b. For
+// dim = 0, outer = 1 and the matrix is the weight's own row-major layout.
+//
+// One power iteration: t = W v, u = t / max(|t|, eps); s = W^T u, v = s / max(|s|, eps).
+// Then sigma = u^T W v = s . s / max(|s|, eps): the norm already computed stands in for the
+// third matrix-vector product torch spends.
+//
+// CUDA launches (the per-thread work of each lives here, so a CPU test can run it for every
+// block and thread, see _spectral_norm_cuda_launch_check):
+//   row_dot_kernel     grid rows,                        block b: t[b] = row b . x
+//   col_partial_kernel grid (ceil(cols/kThreads), ceil(rows/kRowsPerChunk)):
+//                      thread (bx, r, tid): partial[r][j] of column j = bx * kThreads + tid
+//                      over rows [r * kRowsPerChunk, ...)
+//   finishing kernels  one block: combine, norm, normalise (fixed order: deterministic)
+//   elementwise        grid-stride over the weight's elements, chunk per block
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ganops/checks.h>
+#include <ganops/common.h>
+
+namespace ganops::spectral_norm {
+
+constexpr int kThreads = 256;
+// Rows per column-partial block: with cols = 18432 and rows = 2048 that is 72 x 32 blocks,
+// enough to fill a GPU, and the finishing pass reads only 32 partials per column.
+constexpr int64_t kRowsPerChunk = 64;
+// Elements per block of the elementwise and dot-product kernels.
+constexpr int64_t kChunkSize = 4096;
+
+struct MatrixShape {
+  int64_t outer;
+  int64_t rows;
+  int64_t inner;
+
+  GANOPS_HD int64_t cols() const { return outer * inner; }
+  GANOPS_HD int64_t numel() const { return outer * rows * inner; }
+  // Offset of matrix element (i, j) in the weight.
+  GANOPS_HD int64_t offset(int64_t i, int64_t j) const {
+    return ((j / inner) * rows + i) * inner + j % inner;
+  }
+  // Row of the weight's k-th element.
+  GANOPS_HD int64_t row_of(int64_t k) const { return (k / inner) % rows; }
+  // Column of the weight's k-th element.
+  GANOPS_HD int64_t col_of(int64_t k) const { return (k / (rows * inner)) * inner + k % inner; }
+};
+
+// torch.nn.functional.normalize's divisor: the norm clamped below at eps.
+template <typename Acc>
+GANOPS_HD Acc clamped_norm(Acc sum_sq, double eps) {
+  const Acc norm = ::sqrt(sum_sq);
+  return norm > Acc(eps) ? norm : Acc(eps);
+}
+
+// sigma = u^T W v with v = s / max(|s|, eps) and s = W^T u: |s|^2 / max(|s|, eps).
+template <typename Acc>
+GANOPS_HD Acc sigma_from_sum_sq(Acc sum_sq, double eps) {
+  return sum_sq / clamped_norm(sum_sq, eps);
+}
+
+// Columns of row i that thread tid of nthreads visits: tid, tid + nthreads, ... (coalesced
+// for dim 0).
+template <typename F>
+GANOPS_HD void for_each_row_element(MatrixShape s, int tid, int nthreads, F&& f) {
+  for (int64_t j = tid; j < s.cols(); j += nthreads) f(j);
+}
+
+// Rows of column j's row-chunk r: [r * kRowsPerChunk, min((r + 1) * kRowsPerChunk, rows)).
+template <typename F>
+GANOPS_HD void for_each_chunk_row(MatrixShape s, int64_t r, F&& f) {
+  const int64_t begin = r * kRowsPerChunk;
+  const int64_t end = begin + kRowsPerChunk < s.rows ? begin + kRowsPerChunk : s.rows;
+  for (int64_t i = begin; i < end; ++i) f(i);
+}
+
+// Thread tid's part of (W x)[i].
+template <typename T, typename Acc>
+GANOPS_HD Acc row_dot_thread(const T* w, const T* x, MatrixShape s, int64_t i, int tid, int nthreads) {
+  Acc acc = Acc(0);
+  for_each_row_element(s, tid, nthreads, [&](int64_t j) { acc += Acc(w[s.offset(i, j)]) * Acc(x[j]); });
+  return acc;
+}
+
+// Row-chunk r's part of (W^T x)[j], in row order.
+template <typename T, typename Acc>
+GANOPS_HD Acc col_partial_thread(const T* w, const T* x, MatrixShape s, int64_t j, int64_t r) {
+  Acc acc = Acc(0);
+  for_each_chunk_row(s, r, [&](int64_t i) { acc += Acc(w[s.offset(i, j)]) * Acc(x[i]); });
+  return acc;
+}
+
+GANOPS_HD int64_t row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
+
+// Column j of W^T x: its row-chunk partials combined in order.
+template <typename Acc>
+GANOPS_HD Acc combine_col_partials(const Acc* partials, int64_t cols, int64_t n_chunks, int64_t j) {
+  Acc acc = Acc(0);
+  for (int64_t r = 0; r < n_chunks; ++r) acc += partials[r * cols + j];
+  return acc;
+}
+
+// Thread tid's share of a length-n sum of squares (the finishing blocks' norms).
+template <typename Acc>
+GANOPS_HD Acc sum_sq_thread(const Acc* x, int64_t n, int tid, int nthreads) {
+  Acc acc = Acc(0);
+  for (int64_t k = tid; k < n; k += nthreads) acc += x[k] * x[k];
+  return acc;
+}
+
+// Thread tid's share of a length-n sum (the backward's chunk partials).
+template <typename Acc>
+GANOPS_HD Acc sum_thread(const Acc* x, int64_t n, int tid, int nthreads) {
+  Acc acc = Acc(0);
+  for (int64_t k = tid; k < n; k += nthreads) acc += x[k];
+  return acc;
+}
+
+// Thread tid's share of x . y with x of type T and y of Acc (eval mode's sigma = u . W v).
+template <typename T, typename Acc>
+GANOPS_HD Acc dot_thread(const T* x, const Acc* y, int64_t n, int tid, int nthreads) {
+  Acc acc = Acc(0);
+  for (int64_t k = tid; k < n; k += nthreads) acc += Acc(x[k]) * y[k];
+  return acc;
+}
+
+// Elements of chunk c that thread tid visits in the elementwise and dot kernels.
+template <typename F>
+GANOPS_HD void for_each_chunk_element(int64_t numel, int64_t c, int tid, int nthreads, F&& f) {
+  const int64_t begin = c * kChunkSize;
+  const int64_t end = begin + kChunkSize < numel ? begin + kChunkSize : numel;
+  for (int64_t k = begin + tid; k < end; k += nthreads) f(k);
+}
+
+// Thread tid's part of <G, W> over chunk c (the backward's first pass).
+template <typename T, typename Acc>
+GANOPS_HD Acc grad_dot_thread(const T* g, const T* w, int64_t numel, int64_t c, int tid, int nthreads) {
+  Acc acc = Acc(0);
+  for_each_chunk_element(numel, c, tid, nthreads, [&](int64_t k) { acc += Acc(g[k]) * Acc(w[k]); });
+  return acc;
+}
+
+// The backward's coefficient of u v^T: <G, W> / sigma^2 - grad_sigma, so that
+//   dW = G / sigma - coef * u v^T = (G - <G, W_sn> u v^T) / sigma + grad_sigma * u v^T.
+template <typename Acc>
+GANOPS_HD Acc outer_coefficient(Acc grad_dot_weight, Acc sigma, Acc grad_sigma) {
+  return grad_dot_weight / (sigma * sigma) - grad_sigma;
+}
+
+// One element of dW.
+template <typename T, typename Acc>
+GANOPS_HD T grad_weight_element(const T* g, const T* u, const T* v, MatrixShape s, int64_t k,
+                                Acc inv_sigma, Acc coef) {
+  return static_cast<T>(Acc(g[k]) * inv_sigma - coef * Acc(u[s.row_of(k)]) * Acc(v[s.col_of(k)]));
+}
+
+// The block reduction's order (shared with the CPU launch check): at each step thread
+// t < stride takes in thread t + stride's value.
+template <typename Acc>
+GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride) {
+  if (tid < stride) values[tid] += values[tid + stride];
+}
+
+// Host side: the matrix view of a contiguous weight, and the checks every backend's
+// kernels make (Python checks first, naming the public arguments).
+inline MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim) {
+  MatrixShape s{1, weight.size(dim), 1};
+  for (int64_t d = 0; d < dim; ++d) s.outer *= weight.size(d);
+  for (int64_t d = dim + 1; d < weight.dim(); ++d) s.inner *= weight.size(d);
+  return s;
+}
+
+inline c10::ScalarType sigma_dtype(c10::ScalarType weight_dtype) {
+  return weight_dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                    int64_t dim) {
+  check_float(weight, "weight");
+  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dimensions, got shape ", weight.sizes());
+  TORCH_CHECK(dim >= 0 && dim < weight.dim(), "dim must be in [0, ", weight.dim(), "), got ", dim);
+  TORCH_CHECK(weight.numel() > 0, "weight must not be empty, got shape ", weight.sizes());
+  const MatrixShape s = matrix_shape(weight, dim);
+  TORCH_CHECK(u.dim() == 1 && u.numel() == s.rows, "u must be 1-D with ", s.rows, " elements, got shape ",
+              u.sizes());
+  TORCH_CHECK(v.dim() == 1 && v.numel() == s.cols(), "v must be 1-D with ", s.cols(),
+              " elements, got shape ", v.sizes());
+  TORCH_CHECK(u.scalar_type() == weight.scalar_type() && v.scalar_type() == weight.scalar_type(),
+              "u and v must have the weight's dtype ", weight.scalar_type(), ", got ", u.scalar_type(),
+              " and ", v.scalar_type());
+  check_same_device(u, "u", weight, "weight");
+  check_same_device(v, "v", weight, "weight");
+  return s;
+}
+
+inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
+  TORCH_CHECK(sigma.dim() == 0, "sigma must be 0-D, got shape ", sigma.sizes());
+  TORCH_CHECK(sigma.scalar_type() == sigma_dtype(weight.scalar_type()), "sigma must be ",
+              sigma_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
+              sigma.scalar_type());
+  check_same_device(sigma, "sigma", weight, "weight");
+}
+
+}  // namespace ganops::spectral_norm

@@ -1,0 +1,257 @@
+"""Spectral normalization by power iteration: the functional form behind ganops.spectral_norm.
+
+With W the weight as a matrix (dim first, the rest flattened: rows = size(dim),
+cols = numel / rows) and the persistent vectors u (rows), v (cols), one training step runs
+``n_power_iterations`` of
+
+    u <- normalize(W v),   v <- normalize(W^T u),     normalize(x) = x / max(|x|, eps)
+
+in place on u and v, then returns W_sn = W / sigma with sigma = u^T W v. Gradients reach W
+only (u, v are constants of the step): dW = (G - <G, W_sn> u v^T) / sigma.
+
+The kernels read W twice per power iteration and take sigma from the norm they already
+have (with v = normalize(W^T u), u^T W v = |W^T u|^2 / max(|W^T u|, eps)) instead of a third
+matrix-vector product; one more pass writes W / sigma. The backward is two passes: <G, W>,
+then dW. Half-precision weights accumulate in float32 and their sigma is float32; u and v
+keep the weight's dtype, like torch's buffers.
+
+Registered ops: ``ganops::spectral_norm_forward_`` (power iteration in place, sigma and
+W / sigma in one call) and ``ganops::spectral_norm_backward`` (cpp: CPU and CUDA kernels),
+and their Triton twins ``spectral_norm_forward_triton_`` / ``spectral_norm_backward_triton``;
+the autograd Function _SpectralNormalize joins them. The ``torch`` backend is the reference
+below, torch's own parametrization math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ganops import _backend, _ext
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+def check_dim(dim, ndim: int) -> int:
+    """dim normalised to [0, ndim); torch's IndexError when out of range."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if dim >= ndim or dim < -ndim:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
+    return dim + ndim if dim < 0 else dim
+
+
+def check_n_power_iterations(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n_power_iterations must be an int, got {type(n).__name__}")
+    if n <= 0:
+        raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n}")
+    return n
+
+
+def check_eps(eps) -> float:
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a number, got {eps!r}") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return value
+
+
+def check_weight(weight, name: str = "weight") -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(weight).__name__}")
+    if weight.is_complex():
+        raise TypeError(f"{name} is complex ({weight.dtype}); ganops' spectral norm supports real "
+                        f"float16, bfloat16, float32 and float64 weights")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {weight.dtype}; expected float16, bfloat16, float32 or float64")
+    if weight.layout != torch.strided:
+        raise TypeError(f"{name} is a {weight.layout} tensor; ganops supports dense weights only")
+    if weight.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-D tensor")
+    if weight.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(weight.shape)}")
+
+
+def _check_vector(x, name: str, size: int, weight: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 1 or x.numel() != size:
+        raise ValueError(f"{name} must be 1-D with {size} elements for a weight of shape "
+                         f"{tuple(weight.shape)} and this dim, got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name} must be on the weight's device {weight.device}, got {x.device}")
+    if x.requires_grad:
+        raise ValueError(f"{name} is updated in place by the power iteration and must not require grad")
+
+
+def matrix_size(weight: torch.Tensor, dim: int) -> tuple[int, int]:
+    """(rows, cols) of the weight as a matrix with ``dim`` first."""
+    rows = weight.shape[dim]
+    return rows, weight.numel() // rows
+
+
+# ---------------------------------------------------------------------------------------
+# The reference (the `torch` backend): torch.nn.utils.parametrizations.spectral_norm's math
+# ---------------------------------------------------------------------------------------
+
+def as_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """weight.permute(dim, ...).flatten(1), as torch's parametrization builds it."""
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
+    return weight.flatten(1)
+
+
+def spectral_normalize_reference(weight, u, v, n_power_iterations: int, eps: float, dim: int,
+                                 training: bool):
+    """Pure-PyTorch spectral normalization: (weight / sigma, sigma), u and v updated in place.
+
+    Half types are computed in float32 (u and v are read from and written to their buffers
+    in the weight's dtype each half-step, as the kernels do).
+    """
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    mat = as_matrix(weight.to(acc), dim)
+    if training:
+        with torch.no_grad():
+            detached = mat.detach()
+            for _ in range(n_power_iterations):
+                u.copy_(F.normalize(torch.mv(detached, v.to(acc)), dim=0, eps=eps))
+                v.copy_(F.normalize(torch.mv(detached.t(), u.to(acc)), dim=0, eps=eps))
+    # Copies, so that a later step's in-place update leaves this step's backward intact.
+    u_used = u.to(acc, copy=True)
+    v_used = v.to(acc, copy=True)
+    sigma = torch.vdot(u_used, torch.mv(mat, v_used))
+    return (weight.to(acc) / sigma).to(weight.dtype), sigma
+
+
+# ---------------------------------------------------------------------------------------
+# Registered ops: fake impls for the compiled ops, Triton ops around their launchers
+# ---------------------------------------------------------------------------------------
+
+def _sigma_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_fake(weight, u, v, dim, n_power_iterations, eps):
+    return (weight.new_empty(weight.shape), weight.new_empty((), dtype=_sigma_dtype(weight.dtype)),
+            u.new_empty(u.shape), v.new_empty(v.shape))
+
+
+def _backward_fake(grad, grad_sigma, weight, u, v, sigma, dim):
+    return weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("ganops::spectral_norm_forward_triton_", mutates_args=("u", "v"))
+def _spectral_norm_forward_triton_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
+                                   n_power_iterations: int,
+                                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ganops.triton_kernels import spectral_norm as kernels
+    return kernels.spectral_norm_forward_(weight, u, v, dim, n_power_iterations, eps)
+
+
+@torch.library.custom_op("ganops::spectral_norm_backward_triton", mutates_args=())
+def _spectral_norm_backward_triton(grad: torch.Tensor, grad_sigma: torch.Tensor | None, weight: torch.Tensor,
+                                   u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    from ganops.triton_kernels import spectral_norm as kernels
+    return kernels.spectral_norm_backward(grad, grad_sigma, weight, u, v, sigma, dim)
+
+
+_spectral_norm_forward_triton_.register_fake(_forward_fake)
+_spectral_norm_backward_triton.register_fake(_backward_fake)
+
+if _ext.load():
+    torch.library.register_fake("ganops::spectral_norm_forward_")(_forward_fake)
+    torch.library.register_fake("ganops::spectral_norm_backward")(_backward_fake)
+
+
+def _ops(name: str):
+    """(forward op, backward op) of a compiled backend, as overloads: calling an overload
+    skips the packet's overload resolution, a few microseconds per call on small layers."""
+    if name == "cpp":
+        return torch.ops.ganops.spectral_norm_forward_.default, torch.ops.ganops.spectral_norm_backward.default
+    return (torch.ops.ganops.spectral_norm_forward_triton_.default,
+            torch.ops.ganops.spectral_norm_backward_triton.default)
+
+
+class _SpectralNormalize(torch.autograd.Function):
+    """(W / sigma, sigma) with sigma = u^T W v; u, v updated in place, constants of the gradient.
+
+    One autograd node around one forward op: the module's forward costs one dispatch, which
+    is most of the time on small layers (64 x 48: the ops themselves take a few microseconds).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, u, v, n_power_iterations, eps, dim, backend):
+        forward_op, backward_op = _ops(backend)
+        weight_sn, sigma, u_used, v_used = forward_op(weight, u, v, dim, n_power_iterations, eps)
+        ctx.save_for_backward(weight, u_used, v_used, sigma)
+        ctx.dim = dim
+        ctx.backward_op = backward_op
+        return weight_sn, sigma
+
+    @staticmethod
+    def backward(ctx, grad_weight_sn, grad_sigma):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        weight, u, v, sigma = ctx.saved_tensors
+        if grad_weight_sn is None:
+            grad_weight_sn = torch.zeros_like(weight)
+        grad_weight = ctx.backward_op(grad_weight_sn, grad_sigma, weight, u, v, sigma, ctx.dim)
+        return grad_weight, None, None, None, None, None, None
+
+
+def power_iteration_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int,
+                     eps: float, dim: int, backend: str | None = None) -> None:
+    """n_power_iterations of the power method on u, v in place (the registration warm-up)."""
+    with torch.no_grad():
+        normalize_unchecked(weight, u, v, n_power_iterations, eps, dim, True, backend)
+
+
+def normalize_unchecked(weight, u, v, n_power_iterations: int, eps: float, dim: int, training: bool,
+                        backend: str | None):
+    """spectral_normalize for arguments already checked (the module checks them once)."""
+    name = _backend.resolve(backend, weight.device)
+    if name == "torch":
+        return spectral_normalize_reference(weight, u, v, n_power_iterations, eps, dim, training)
+    return _SpectralNormalize.apply(weight, u, v, n_power_iterations if training else 0, eps, dim, name)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def spectral_normalize(weight: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor | None, *,
+                       n_power_iterations: int = 1, eps: float = 1e-12, dim: int = 0, training: bool = True,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectral normalization of ``weight`` with caller-held power-iteration vectors.
+
+    Returns ``(weight_sn, sigma)``, weight_sn = weight / sigma with the weight's shape and
+    dtype. With W = weight.permute(dim, ...).flatten(1) of shape (rows, cols), ``u`` has
+    shape (rows,) and ``v`` (cols,), both of the weight's dtype (torch's ``_u``/``_v``
+    buffers). In training, ``n_power_iterations`` of u <- normalize(W v),
+    v <- normalize(W^T u) update u and v in place (no autograd through them); then
+    sigma = u^T W v, differentiable in W with u, v held constant. ``training=False`` leaves
+    u and v alone. sigma is float32 for half weights, else the weight's dtype. A 1-D weight is
+    simply normalised: weight_sn = weight / max(|weight|, eps), and u, v are ignored.
+    """
+    check_weight(weight)
+    n = check_n_power_iterations(n_power_iterations)
+    eps = check_eps(eps)
+    if weight.dim() == 1:
+        sigma = torch.linalg.vector_norm(weight, dtype=_sigma_dtype(weight.dtype)).clamp_min(eps)
+        return F.normalize(weight, dim=0, eps=eps), sigma
+    dim = check_dim(dim, weight.dim())
+    rows, cols = matrix_size(weight, dim)
+    _check_vector(u, "u", rows, weight)
+    _check_vector(v, "v", cols, weight)
+    return normalize_unchecked(weight, u, v, n, eps, dim, training, backend)

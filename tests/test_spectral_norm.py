@@ -1,0 +1,448 @@
+"""Spectral normalization: every backend against torch.nn.utils.parametrizations.spectral_norm
+and an independent float64 computation."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+import ganops
+from ganops import _ext
+from conftest import assert_within_reference_error, backend_params, tol
+
+ALL = backend_params()
+CPU = backend_params(("cpu",))
+COMPILED = [p for p in ALL if p.values[1] != "torch"]
+
+
+def _modules():
+    # Small shapes: Triton runs interpreted here. ConvTranspose2d takes dim=1 by default.
+    return {
+        "linear": (lambda: nn.Linear(27, 16), (5, 27)),
+        "conv1d": (lambda: nn.Conv1d(3, 8, 3), (2, 3, 9)),
+        "conv2d": (lambda: nn.Conv2d(3, 16, 3), (2, 3, 6, 6)),
+        "conv3d": (lambda: nn.Conv3d(2, 4, 2), (1, 2, 4, 4, 4)),
+        "convtranspose2d": (lambda: nn.ConvTranspose2d(6, 4, 3), (2, 6, 5, 5)),
+        "embedding": (lambda: nn.Embedding(20, 12), None),
+    }
+
+
+def _input(kind, shape, device, generator):
+    if kind == "embedding":
+        return torch.randint(0, 20, (7,), generator=generator).to(device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _pair(make, device, dtype=torch.float32, seed=3, backend=None, **kwargs):
+    """The same module under torch's and ganops' spectral norm, registered from the same seed."""
+    torch.manual_seed(0)
+    base = make().to(device, dtype)
+    ours = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    torch_spectral_norm(base, **kwargs)
+    torch.manual_seed(seed)
+    ganops.spectral_norm(ours, backend=backend, **kwargs)
+    return base, ours
+
+
+def _sn(module, name="weight"):
+    return getattr(module.parametrizations, name)
+
+
+def assert_same_state(theirs, ours, rtol, atol):
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=rtol, atol=atol, msg=key)
+
+
+# ---------------------------------------------------------------------------------------
+# Against torch's parametrization
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("kind", list(_modules()))
+def test_training_loop_matches_torch(device, backend, kind):
+    make, shape = _modules()[kind]
+    theirs, ours = _pair(make, device, backend=backend)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert_same_state(theirs, ours, rtol=1e-5, atol=1e-6)  # u, v after the 15 warm-up iterations
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = _input(kind, shape, device, g)
+        for module, opt in ((theirs, opt_t), (ours, opt_o)):
+            opt.zero_grad()
+            module(x).square().mean().backward()
+        torch.testing.assert_close(_sn(ours).original.grad, _sn(theirs).original.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-5, atol=1e-6)
+        opt_t.step()
+        opt_o.step()
+    assert_same_state(theirs, ours, rtol=1e-5, atol=1e-6)
+    # Eval mode: no power iteration, u and v stay as they are.
+    theirs.eval()
+    ours.eval()
+    u_before = _sn(ours)[0]._u.clone()
+    x = _input(kind, shape, device, g)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(_sn(ours)[0]._u, u_before)
+    assert_same_state(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_float64_matches_torch_to_1e10(device, backend):
+    theirs, ours = _pair(lambda: nn.Conv2d(4, 8, 3), device, torch.float64, backend=backend)
+    for _ in range(2):
+        for m in (theirs, ours):
+            m.weight.square().sum().backward()
+    t = tol(torch.float64)
+    torch.testing.assert_close(ours.weight, theirs.weight, **t)
+    torch.testing.assert_close(_sn(ours).original.grad, _sn(theirs).original.grad, **t)
+    assert_same_state(theirs, ours, **t)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("n_power_iterations,dim", [(3, 0), (1, 1), (2, -1), (1, 2)])
+def test_dim_and_iterations_match_torch(device, backend, n_power_iterations, dim):
+    theirs, ours = _pair(lambda: nn.Conv2d(5, 6, (3, 2)), device, backend=backend,
+                         n_power_iterations=n_power_iterations, dim=dim)
+    for _ in range(2):
+        for m in (theirs, ours):
+            m.weight.sum().backward()
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_sn(ours).original.grad, _sn(theirs).original.grad, rtol=1e-5, atol=1e-6)
+    assert_same_state(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_two_forwards_before_one_backward(device, backend):
+    """D(real) - D(fake): the second forward updates u, v in place before the backward."""
+    theirs, ours = _pair(lambda: nn.Linear(10, 6), device, backend=backend)
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(4, 10, generator=g).to(device), torch.randn(4, 10, generator=g).to(device)
+    for m in (theirs, ours):
+        (m(real).mean() - m(fake).mean()).backward()
+    torch.testing.assert_close(_sn(ours).original.grad, _sn(theirs).original.grad, rtol=1e-5, atol=1e-6)
+    assert_same_state(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_one_dimensional_weight_is_normalised(device, backend):
+    theirs, ours = _pair(lambda: nn.Linear(4, 5), device, backend=backend, name="bias")
+    torch.testing.assert_close(ours.bias, theirs.bias)
+    torch.testing.assert_close(ours.bias.norm(), torch.tensor(1.0, device=device))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def test_wide_conv_matches_torch():
+    """A 3x3 conv with 512 channels in and out: the 512 x 4608 matrix of the benchmark."""
+    theirs, ours = _pair(lambda: nn.Conv2d(512, 512, 3, bias=False), "cpu", backend="cpp")
+    for m in (theirs, ours):
+        (m.weight * torch.linspace(-1, 1, m.weight.numel()).view_as(m.weight)).sum().backward()
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_sn(ours).original.grad, _sn(theirs).original.grad, rtol=1e-5, atol=1e-7)
+    assert_same_state(theirs, ours, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# state_dict: both ways, and the older hook API
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["torch_to_ganops", "ganops_to_torch"])
+def test_state_dict_round_trip(direction):
+    theirs, ours = _pair(lambda: nn.Conv2d(3, 5, 3), "cpu", seed=1)
+    fresh_theirs, fresh_ours = _pair(lambda: nn.Conv2d(3, 5, 3), "cpu", seed=2)
+    src, dst = (theirs, fresh_ours) if direction == "torch_to_ganops" else (ours, fresh_theirs)
+    src.weight.sum().backward()  # one step moves u and v off their initial values
+    dst.load_state_dict(src.state_dict())
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+    src.eval()
+    dst.eval()
+    torch.testing.assert_close(dst.weight, src.weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "convtranspose2d"])
+def test_hook_api_state_dict_loads(kind):
+    make, _ = _modules()[kind]
+    torch.manual_seed(0)
+    old = torch.nn.utils.spectral_norm(make())
+    old(torch.randn(2, *(_modules()[kind][1][1:]))).sum().backward()  # the hook API's u, v move
+    old_state = old.state_dict()
+    assert {"weight_orig", "weight_u", "weight_v"} <= set(old_state)
+    torch.manual_seed(5)
+    ours = ganops.spectral_norm(make())
+    ours.load_state_dict(old_state)  # plain load_state_dict, strict
+    sn = _sn(ours)
+    assert torch.equal(sn.original, old_state["weight_orig"])
+    assert torch.equal(sn[0]._u, old_state["weight_u"])
+    assert torch.equal(sn[0]._v, old_state["weight_v"])
+    old.eval()
+    ours.eval()
+    x = torch.randn(2, *(_modules()[kind][1][1:]))
+    torch.testing.assert_close(ours(x), old(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The functional form, half types, gradients
+# ---------------------------------------------------------------------------------------
+
+def exact_spectral_normalize(weight, u, v, dim, training, n=1, eps=1e-12):
+    """Independent float64 truth: torch's power method and sigma = u^T W v, written out."""
+    w = weight.detach().double().cpu()
+    u, v = u.double().cpu(), v.double().cpu()
+    mat = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+    if training:
+        for _ in range(n):
+            u = mat @ v
+            u = u / max(u.norm(), eps)
+            v = mat.T @ u
+            v = v / max(v.norm(), eps)
+    sigma = u @ mat @ v
+    return w / sigma, sigma, u, v
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_within_twice_torch_error(device, backend, dtype):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 3, 3, 3, generator=g).to(device, dtype)
+    u0 = F.normalize(torch.randn(24, generator=g), dim=0).to(device, dtype)
+    v0 = F.normalize(torch.randn(27, generator=g), dim=0).to(device, dtype)
+    exact_w, exact_sigma, _, _ = exact_spectral_normalize(w, u0, v0, 0, True)
+    # torch's parametrization math in the same low precision.
+    mat = w.flatten(1)
+    u_low = F.normalize(torch.mv(mat, v0), dim=0)
+    v_low = F.normalize(torch.mv(mat.t(), u_low), dim=0)
+    torch_low = w / torch.vdot(u_low, torch.mv(mat, v_low))
+    u, v = u0.clone(), v0.clone()
+    w_sn, sigma = ganops.spectral_normalize(w, u, v, backend=backend)
+    assert w_sn.dtype == dtype and sigma.dtype == torch.float32 and u.dtype == dtype
+    assert_within_reference_error(w_sn, torch_low, exact_w, dtype)
+    torch.testing.assert_close(sigma.double().cpu(), exact_sigma, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_matches_float64_truth(device, backend, training):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 5, 7, generator=g, dtype=torch.float64).to(device)
+    u0 = torch.randn(5, generator=g, dtype=torch.float64).to(device)
+    v0 = torch.randn(42, generator=g, dtype=torch.float64).to(device)
+    u, v = u0.clone(), v0.clone()
+    w_sn, sigma = ganops.spectral_normalize(w, u, v, n_power_iterations=2, dim=1, training=training,
+                                            backend=backend)
+    exact_w, exact_sigma, exact_u, exact_v = exact_spectral_normalize(w, u0, v0, 1, training, n=2)
+    t = tol(torch.float64)
+    torch.testing.assert_close(w_sn.cpu(), exact_w, **t)
+    torch.testing.assert_close(sigma.cpu(), exact_sigma, **t)
+    torch.testing.assert_close(u.cpu(), exact_u if training else u0.cpu(), **t)
+    torch.testing.assert_close(v.cpu(), exact_v if training else v0.cpu(), **t)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gradcheck_float64(device, backend, dim):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(4, 3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    rows = w.shape[dim]
+    u = F.normalize(torch.randn(rows, generator=g, dtype=torch.float64), dim=0).to(device)
+    v = F.normalize(torch.randn(24 // rows, generator=g, dtype=torch.float64), dim=0).to(device)
+
+    # Eval mode: u and v are the constants the analytic gradient assumes (in training they
+    # are recomputed from W, which the gradient deliberately does not follow, as in torch).
+    def fn(weight):
+        return ganops.spectral_normalize(weight, u, v, dim=dim, training=False, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (w,))
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_gradients_match_torch_autograd_with_sigma_used(device, backend):
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(9, 11, generator=g, dtype=torch.float64).to(device)
+    u = F.normalize(torch.randn(9, generator=g, dtype=torch.float64), dim=0).to(device)
+    v = F.normalize(torch.randn(11, generator=g, dtype=torch.float64), dim=0).to(device)
+    gw = torch.randn(9, 11, generator=g, dtype=torch.float64).to(device)
+    ours = w.clone().requires_grad_()
+    w_sn, sigma = ganops.spectral_normalize(ours, u.clone(), v.clone(), backend=backend)
+    ((w_sn * gw).sum() + 3 * sigma).backward()
+    ref = w.clone().requires_grad_()
+    uu, vv = F.normalize(w @ v, dim=0), None
+    vv = F.normalize(w.T @ uu, dim=0)
+    ref_sigma = uu @ ref @ vv
+    ((ref / ref_sigma * gw).sum() + 3 * ref_sigma).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, **tol(torch.float64))
+
+
+# 0 / 0 is the expected answer; the Triton interpreter (numpy) warns about it.
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("device,backend", ALL)
+def test_zero_weight_gives_nan_like_torch(device, backend):
+    theirs, ours = _pair(lambda: nn.Linear(3, 4), device, backend=backend)
+    with torch.no_grad():
+        _sn(theirs).original.zero_()
+        _sn(ours).original.zero_()
+    assert theirs.weight.isnan().all() and ours.weight.isnan().all()
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+def test_bad_module_arguments_raise_torch_errors():
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        ganops.spectral_norm(nn.Linear(3, 4), dim=2)
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        ganops.spectral_norm(nn.Linear(3, 4), n_power_iterations=0)
+    with pytest.raises(ValueError, match="no parameter or buffer with name 'kernel'"):
+        ganops.spectral_norm(nn.Linear(3, 4), name="kernel")
+    with pytest.raises(TypeError, match="complex"):
+        ganops.spectral_norm(nn.Linear(3, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="dtype"):
+        m = nn.Linear(3, 4)
+        m.weight = nn.Parameter(torch.ones(4, 3, dtype=torch.int64), requires_grad=False)
+        ganops.spectral_norm(m)
+
+
+def test_bad_functional_arguments_name_the_argument():
+    w, u, v = torch.randn(4, 6), torch.randn(4), torch.randn(6)
+    with pytest.raises(ValueError, match="u must be 1-D with 4"):
+        ganops.spectral_normalize(w, torch.randn(5), v)
+    with pytest.raises(ValueError, match="v must be 1-D with 6"):
+        ganops.spectral_normalize(w, u, torch.randn(2, 3))
+    with pytest.raises(TypeError, match="v must have the weight's dtype"):
+        ganops.spectral_normalize(w, u, v.double())
+    with pytest.raises(ValueError, match="u is updated in place"):
+        ganops.spectral_normalize(w, u.requires_grad_(), v)
+    with pytest.raises(ValueError, match="weight must not be empty"):
+        ganops.spectral_normalize(torch.randn(0, 6), torch.randn(0), v)
+    with pytest.raises(ValueError, match="eps"):
+        ganops.spectral_normalize(w, torch.randn(4), v, eps=-1.0)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        ganops.spectral_normalize(w, torch.randn(4), v, dim=-3)
+    with pytest.raises(TypeError, match="weight must be a tensor"):
+        ganops.spectral_normalize([1.0], torch.randn(4), v)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+def test_compiled_ops_check_their_inputs():
+    w, u, v = torch.randn(4, 6), torch.randn(4), torch.randn(6)
+    with pytest.raises(RuntimeError, match="dim must be in"):
+        torch.ops.ganops.spectral_norm_forward_(w, u, v, 2, 1, 1e-12)
+    with pytest.raises(RuntimeError, match="v must be 1-D with 6"):
+        torch.ops.ganops.spectral_norm_forward_(w, u, torch.randn(5), 0, 1, 1e-12)
+    with pytest.raises(RuntimeError, match="n_power_iterations must be >= 0"):
+        torch.ops.ganops.spectral_norm_forward_(w, u, v, 0, -1, 1e-12)
+    with pytest.raises(RuntimeError, match="sigma must be"):
+        torch.ops.ganops.spectral_norm_backward(w, None, w, u, v, torch.tensor(1.0, dtype=torch.float64), 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels' structure: CUDA index math on the CPU, determinism, registered ops, compile
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+@pytest.mark.parametrize("shape,dim", [((70, 300), 0), ((16, 3, 3, 3), 0), ((5, 130, 3, 3), 1),
+                                       ((3, 4, 2, 5), 2), ((129, 4097), 0)])
+def test_cuda_launch_covers_every_element_once(shape, dim):
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    rows = shape[dim]
+    u = F.normalize(torch.randn(rows, generator=g, dtype=torch.float64), dim=0)
+    v = F.normalize(torch.randn(w.numel() // rows, generator=g, dtype=torch.float64), dim=0)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    visits, u1, v1, sigma, w_sn, dw = torch.ops.ganops._spectral_norm_cuda_launch_check(w, u, v, grad, dim, 1e-12)
+    assert visits.shape == (4, w.numel())
+    for launch, name in enumerate(["row dot", "column partial", "scale", "backward dot"]):
+        assert visits[launch].min().item() == 1 and visits[launch].max().item() == 1, \
+            f"{name}: an element was skipped or visited twice"
+    exact_w, exact_sigma, exact_u, exact_v = exact_spectral_normalize(w, u, v, dim, True)
+    t = tol(torch.float64)
+    torch.testing.assert_close(u1, exact_u, **t)
+    torch.testing.assert_close(v1, exact_v, **t)
+    torch.testing.assert_close(sigma, exact_sigma, **t)
+    torch.testing.assert_close(w_sn, exact_w, **t)
+    ref = w.clone().requires_grad_()
+    mat = ref.movedim(dim, 0).reshape(rows, -1)
+    (ref / (exact_u @ mat @ exact_v) * grad).sum().backward()
+    torch.testing.assert_close(dw, ref.grad, **t)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+def test_cpu_kernels_bit_identical_across_thread_counts():
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(300, 2000, generator=g).requires_grad_()
+    u0 = F.normalize(torch.randn(300, generator=g), dim=0)
+    v0 = F.normalize(torch.randn(2000, generator=g), dim=0)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            u, v = u0.clone(), v0.clone()
+            w.grad = None
+            w_sn, sigma = ganops.spectral_normalize(w, u, v, n_power_iterations=2, backend="cpp")
+            (w_sn * w_sn).sum().backward()
+            results.append([w_sn.detach(), sigma, u, v, w.grad.clone()])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, results[0]))
+
+
+_TRITON_OPS = {"spectral_norm_forward_": "spectral_norm_forward_triton_",
+               "spectral_norm_backward": "spectral_norm_backward_triton"}
+
+
+def _op(name, backend):
+    return getattr(torch.ops.ganops, name if backend == "cpp" else _TRITON_OPS[name])
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+def test_opcheck(device, backend):
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(5, 2, 3, generator=g).to(device)
+    u, v = torch.randn(2, generator=g).to(device), torch.randn(15, generator=g).to(device)
+    for n in (0, 2):
+        torch.library.opcheck(_op("spectral_norm_forward_", backend), (w, u.clone(), v.clone(), 1, n, 1e-12))
+    sigma = torch.tensor(1.7, device=device)
+    grad = torch.randn(5, 2, 3, generator=g).to(device)
+    for grad_sigma in (None, torch.tensor(0.3, device=device)):
+        torch.library.opcheck(_op("spectral_norm_backward", backend), (grad, grad_sigma, w, u, v, sigma, 1))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in COMPILED if p.values[1] == "cpp"])
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_torch_compile_fullgraph(device, backend, form):
+    """Forward (power iteration in place on the buffers) and compiled backward, no graph break."""
+    torch._dynamo.reset()
+    _, eager = _pair(lambda: nn.Linear(12, 7), device, backend=backend)
+    model = copy.deepcopy(eager)
+
+    def loss_of(m, x):
+        if form == "module":
+            return m(x).square().mean()
+        sn = _sn(m)
+        w_sn, sigma = ganops.spectral_normalize(sn.original, sn[0]._u, sn[0]._v, backend=backend)
+        return (x @ w_sn.t()).square().mean() + sigma
+
+    compiled = torch.compile(loss_of, fullgraph=True)
+    x = torch.randn(3, 12, device=device)
+    for _ in range(2):
+        loss_c = compiled(model, x)
+        loss_e = loss_of(eager, x)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        loss_c.backward()
+        loss_e.backward()
+    torch.testing.assert_close(_sn(model).original.grad, _sn(eager).original.grad, rtol=1e-5, atol=1e-6)
+    assert_same_state(eager, model, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_argument_reaches_the_module():
+    m = ganops.spectral_norm(nn.Linear(3, 4), backend="torch")
+    assert _sn(m)[0].backend == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ganops.spectral_norm(nn.Linear(3, 4), backend="fast")
