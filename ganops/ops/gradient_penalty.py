@@ -205,7 +205,7 @@ _gradient_norm_penalty_backward_triton.register_fake(_penalty_backward_fake)
 
 def _interpolate_setup(ctx, inputs, output):
     real, fake, alpha = inputs
-    need_real, need_fake, need_alpha = ctx.needs_input_grad
+    need_alpha = ctx.needs_input_grad[2]
     # alpha serves ∂real and ∂fake; real and fake serve only ∂alpha.
     ctx.save_for_backward(real if need_alpha else None, fake if need_alpha else None, alpha)
 
