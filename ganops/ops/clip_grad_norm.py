@@ -76,8 +76,27 @@ def _check_grads(grads: list[torch.Tensor], name: str) -> None:
                             f"float32 and float64 gradients")
 
 
-def _grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.grad for p in parameters if p.grad is not None]
+def _grads_of(parameters) -> list[torch.Tensor]:
+    """The gradients of a tensor or an iterable of tensors, skipping those without one."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    elif not isinstance(parameters, Iterable):
+        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got "
+                        f"{type(parameters).__name__}")
+    else:
+        parameters = list(parameters)
+    # One attribute read per parameter: with thousands of parameters this loop is a large
+    # part of a call, so the per-element type check runs only if it fails.
+    grads = []
+    try:
+        for p in parameters:
+            g = p.grad
+            if g is not None:
+                grads.append(g)
+    except AttributeError:
+        _tensor_list(parameters, "parameters")
+        raise
+    return grads
 
 
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -154,8 +173,23 @@ def _multi_tensor_scale_triton_(tensors: list[torch.Tensor], total_norm: torch.T
     kernels.multi_tensor_scale_(tensors, total_norm, max_norm)
 
 
+@torch.library.custom_op("ganops::clip_grad_norm_triton_", mutates_args=("grads",))
+def _clip_grad_norm_triton_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    total, _ = kernels.multi_tensor_norm(grads, norm_type, False)
+    kernels.multi_tensor_scale_(grads, total, max_norm)
+    return total
+
+
+def _clip_fake(grads, max_norm, norm_type):
+    return grads[0].new_empty((), dtype=_result_dtype(grads))
+
+
 _multi_tensor_norm_triton.register_fake(_norm_fake)
 _multi_tensor_scale_triton_.register_fake(_scale_fake)
+_clip_grad_norm_triton_.register_fake(_clip_fake)
+if _ext.load():
+    torch.library.register_fake("ganops::clip_grad_norm_")(_clip_fake)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,11 +282,10 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 
     Like torch.nn.utils.clip_grads_with_norm_; the coefficient is computed on the device.
     """
-    parameters = _tensor_list(parameters, "parameters")
+    grads = _grads_of(parameters)
     max_norm = _check_max_norm(max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a tensor, got {type(total_norm).__name__}")
-    grads = _grads_of(parameters)
     _check_grads(grads, "parameters' gradients")
     if not grads:
         return
@@ -274,13 +307,25 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     ``error_if_nonfinite=True`` a NaN or infinite norm raises RuntimeError (this check is the
     only host synchronisation). ``backend`` picks the implementation (see ganops.use_backend).
     """
-    parameters = _tensor_list(parameters, "parameters")
+    grads = _grads_of(parameters)
     max_norm = _check_max_norm(max_norm)
     p = _check_norm_type(norm_type)
-    grads = _grads_of(parameters)
-    _check_grads(grads, "parameters' gradients")
     if not grads:
         return torch.tensor(0.0)
+    name = _backend.resolve(backend, grads[0].device)
+    if name != "torch" and not error_if_nonfinite:
+        fused = torch.ops.ganops.clip_grad_norm_ if name == "cpp" else torch.ops.ganops.clip_grad_norm_triton_
+        try:
+            with torch.no_grad():
+                return fused(grads, max_norm, p)
+        except RuntimeError:
+            # The kernels refuse, before touching anything, gradients that are not dense
+            # floating tensors on one device. Say which, in the caller's terms; gradients on
+            # several devices take the general path below.
+            _check_grads(grads, "parameters' gradients")
+            if len(_by_device(grads)) == 1:
+                raise
+    _check_grads(grads, "parameters' gradients")
     with torch.no_grad():
         total, _ = _norms(grads, p, False, backend, foreach)
         if error_if_nonfinite:
@@ -299,9 +344,8 @@ def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False
     ``norms[i]`` is the norm of the i-th parameter that has a gradient (parameters without
     ``.grad`` are skipped, as in clip_grad_norm_).
     """
-    parameters = _tensor_list(parameters, "parameters")
-    p = _check_norm_type(norm_type)
     grads = _grads_of(parameters)
+    p = _check_norm_type(norm_type)
     _check_grads(grads, "parameters' gradients")
     if not grads:
         total = torch.tensor(0.0)
