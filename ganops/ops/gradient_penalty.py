@@ -217,10 +217,54 @@ def _penalty_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+def _interpolate_backward_composite(grad, real, fake, alpha, need_real, need_fake, need_alpha):
+    """interpolate's backward in differentiable torch ops (used under create_graph=True)."""
+    acc = _acc_dtype(grad.dtype)
+    a = alpha.to(acc).reshape((-1,) + (1,) * (grad.dim() - 1))
+    g = grad.to(acc)
+    grad_real = (a * g).to(grad.dtype) if need_real else None
+    grad_fake = ((1 - a) * g).to(grad.dtype) if need_fake else None
+    grad_alpha = ((g * (real.to(acc) - fake.to(acc))).reshape(g.shape[0], -1).sum(1).to(alpha.dtype)
+                  if need_alpha else None)
+    return grad_real, grad_fake, grad_alpha
+
+
+def _penalty_backward_composite(grad_penalty, grads, inv_scale, center, one_sided, weight):
+    """The penalty's backward, go · weight / N · h'(n_i) / n_i · s² · grads_i, in differentiable
+    torch ops (used under create_graph=True, so third-order derivatives stay exact)."""
+    acc = _acc_dtype(grads.dtype)
+    n = grads.shape[0]
+    g = grads.reshape(n, -1).to(acc)
+    if inv_scale is not None:
+        g = g * inv_scale
+    if center == 0:
+        factor = 2.0
+    else:
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        d = norm - center
+        if one_sided:
+            d = d.clamp(min=0)
+        zero = norm == 0
+        # 0 at a zero norm (the gradient there is the zero vector); a NaN norm stays NaN.
+        factor = torch.where(zero, 0.0, 2 * d / torch.where(zero, 1.0, norm))
+    out = grad_penalty.to(acc) * (weight / n) * factor * g
+    if inv_scale is not None:
+        out = out * inv_scale
+    return out.reshape(grads.shape).to(grads.dtype)
+
+
+def _differentiating_backward(*tensors) -> bool:
+    """Whether autograd records this backward (create_graph=True through it): then the fused
+    backward ops, which have no derivative of their own, give way to differentiable torch ops."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _register_autograd(interpolate_op, interpolate_backward_op, penalty_op, penalty_backward_op):
     def interpolate_backward(ctx, grad):
         real, fake, alpha = ctx.saved_tensors
         need_real, need_fake, need_alpha = ctx.needs_input_grad[:3]
+        if _differentiating_backward(grad, real, fake, alpha):
+            return _interpolate_backward_composite(grad, real, fake, alpha, need_real, need_fake, need_alpha)
         if real is None:
             # Not read without need_alpha: the kernel takes grad in their place.
             real = fake = grad
@@ -231,6 +275,8 @@ def _register_autograd(interpolate_op, interpolate_backward_op, penalty_op, pena
 
     def penalty_backward(ctx, grad_penalty, grad_sumsq):
         grads, sumsq, inv_scale = ctx.saved_tensors
+        if _differentiating_backward(grad_penalty, grads):
+            return _penalty_backward_composite(grad_penalty, grads, inv_scale, *ctx.args), None, None, None, None
         grad_grads = penalty_backward_op(grad_penalty, grads, sumsq, inv_scale, *ctx.args)
         return grad_grads, None, None, None, None
 
