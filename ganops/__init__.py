@@ -17,6 +17,7 @@ from ganops._backend import (
 from ganops._ext import build_info
 from ganops.nn.spectral_norm import SpectralNorm, spectral_norm
 from ganops.ops.clip_grad_norm import clip_grad_norm_, clip_grads_with_norm_, get_total_norm, grad_norm
+from ganops.ops.gradient_penalty import gradient_norm_penalty, gradient_penalty, interpolate, r1_penalty
 from ganops.ops.spectral_norm import spectral_normalize
 
 _ext.load()
@@ -32,6 +33,10 @@ __all__ = [
     "get_total_norm",
     "get_backend",
     "grad_norm",
+    "gradient_norm_penalty",
+    "gradient_penalty",
+    "interpolate",
+    "r1_penalty",
     "set_backend",
     "spectral_norm",
     "spectral_normalize",

@@ -1,0 +1,137 @@
+// Math and work split shared by the CPU and CUDA kernels of the gradient penalty.
+//
+// Every tensor here is viewed as (N, M): N samples of M = numel / N elements. Each sample is
+// cut into chunks of kChunkSize elements; chunk c of sample i covers elements
+// [c * kChunkSize, min((c + 1) * kChunkSize, M)) of that sample. One CUDA block (one Triton
+// program, one CPU task) handles one (sample, chunk). Per-sample reductions put each chunk's
+// partial in its own slot and combine a sample's slots in chunk order, so results do not
+// depend on the thread count or the launch.
+//
+//   interpolate:  x̂[i, j] = α_i · real[i, j] + (1 − α_i) · fake[i, j]
+//   backward:     ∂real = α_i · g,  ∂fake = (1 − α_i) · g,  ∂α_i = Σ_j g[i, j] (real − fake)[i, j]
+//   penalty:      n_i = ‖s · grads[i]‖₂ (s the inverse loss scale, 1 without a scaler)
+//                 P = weight / N · Σ_i h(n_i),  h(n) = (n − center)²  or  max(0, n − center)²
+//   backward:     ∂P/∂grads[i] = ∂P · weight / N · h'(n_i) / n_i · s² · grads[i]
+#pragma once
+
+#include <ganops/common.h>
+
+#include <cmath>
+
+namespace ganops::gradient_penalty {
+
+// 16384 elements per chunk: 64 per thread at 256 threads, and a (64, 3, 64, 64) gradient
+// splits into 64 CPU tasks, enough to keep every core busy.
+constexpr int64_t kChunkSize = 16384;
+constexpr int kThreads = 256;
+
+GANOPS_HD int64_t chunks_per_sample(int64_t sample_numel) { return ceil_div(sample_numel, kChunkSize); }
+
+// The length of chunk c of a sample of m elements.
+GANOPS_HD int64_t chunk_length(int64_t m, int64_t c) {
+  const int64_t rest = m - c * kChunkSize;
+  return rest < kChunkSize ? rest : kChunkSize;
+}
+
+// Elements of a chunk that thread `tid` of `nthreads` visits: tid, tid + nthreads, ...
+// Consecutive threads touch consecutive elements, so global loads coalesce.
+template <typename F>
+GANOPS_HD void for_each_thread_element(int64_t chunk_len, int tid, int nthreads, F&& f) {
+  for (int64_t i = tid; i < chunk_len; i += nthreads) f(i);
+}
+
+// The sum one thread makes of term(i) over its elements of a chunk.
+template <typename Acc, typename Term>
+GANOPS_HD Acc thread_sum(int64_t chunk_len, int tid, int nthreads, Term&& term) {
+  Acc acc = Acc(0);
+  for_each_thread_element(chunk_len, tid, nthreads, [&](int64_t i) { acc += term(i); });
+  return acc;
+}
+
+// The block reduction's order, shared so the CPU check follows the kernel exactly:
+// at each step thread t < stride adds in thread t + stride's value.
+template <typename Acc>
+GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride) {
+  if (tid < stride) values[tid] += values[tid + stride];
+}
+
+// One sample's total from its chunk partials, in chunk order.
+template <typename Acc>
+GANOPS_HD Acc combine_chunks(const Acc* partials, int64_t n_chunks) {
+  Acc acc = Acc(0);
+  for (int64_t c = 0; c < n_chunks; ++c) acc += partials[c];
+  return acc;
+}
+
+// One element's term of the sum of squares of the unscaled gradient: (s · g)².
+template <typename Acc>
+GANOPS_HD Acc unscaled_square(Acc g, Acc inv_scale) {
+  const Acc v = inv_scale * g;
+  return v * v;
+}
+
+// One element's term of ∂α_i: g · (real − fake).
+template <typename Acc>
+GANOPS_HD Acc alpha_grad_term(Acc g, Acc real, Acc fake) {
+  return g * (real - fake);
+}
+
+template <typename Acc>
+GANOPS_HD Acc interpolate_value(Acc real, Acc fake, Acc alpha) {
+  return alpha * real + (Acc(1) - alpha) * fake;
+}
+
+// h(n) from the sum of squares n² of the unscaled gradient. With center 0 (R1), h is n²
+// itself, taken from the sum of squares without a square root and its rounding.
+// A NaN norm fails `d < 0` and stays NaN: a non-finite gradient is never hidden.
+template <typename Acc>
+GANOPS_HD Acc penalty_term(Acc sumsq, Acc center, bool one_sided) {
+  if (center == Acc(0)) return sumsq;
+  Acc d = ::sqrt(sumsq) - center;
+  if (one_sided && d < Acc(0)) d = Acc(0);
+  return d * d;
+}
+
+// h'(n) / n, so that ∂h/∂g = (h'(n) / n) · g. At n = 0 the gradient g is the zero vector
+// and so is ∂h/∂g, whatever the undefined direction g / n: the factor is 0, never NaN.
+// An infinite n gives inf / inf = NaN, so a non-finite gradient stays visible.
+template <typename Acc>
+GANOPS_HD Acc penalty_factor(Acc sumsq, Acc center, bool one_sided) {
+  if (center == Acc(0)) return Acc(2);
+  const Acc n = ::sqrt(sumsq);
+  Acc d = n - center;
+  if (one_sided && d < Acc(0)) d = Acc(0);
+  return n == Acc(0) ? Acc(0) : Acc(2) * d / n;
+}
+
+// weight · mean_i h(n_i), from Σ_i h(n_i): the order of the canonical `mean() * weight`.
+template <typename Acc>
+GANOPS_HD Acc penalty_value(Acc total, Acc weight, int64_t n_samples) {
+  return total / Acc(n_samples) * weight;
+}
+
+// The factor every element of sample i is multiplied by in the penalty's backward:
+// ∂P · weight / N · h'(n_i) / n_i · s².
+template <typename Acc>
+GANOPS_HD Acc penalty_grad_scale(Acc grad_penalty, Acc sumsq, Acc inv_scale, Acc center, bool one_sided,
+                                 Acc weight, int64_t n_samples) {
+  return grad_penalty * (weight / Acc(n_samples)) * penalty_factor(sumsq, center, one_sided) * inv_scale *
+         inv_scale;
+}
+
+// The finishing step's per-thread work: thread tid combines, in chunk order, the partials of
+// samples tid, tid + nthreads, ..., writes each sample's sum of squares, and returns the sum
+// of their penalty terms for the block's tree reduction.
+template <typename Acc>
+GANOPS_HD Acc finish_thread(const Acc* partials, int64_t n_samples, int64_t n_chunks, int tid, int nthreads,
+                            Acc center, bool one_sided, Acc* sumsq) {
+  Acc local = Acc(0);
+  for (int64_t i = tid; i < n_samples; i += nthreads) {
+    const Acc ss = combine_chunks(partials + i * n_chunks, n_chunks);
+    sumsq[i] = ss;
+    local += penalty_term(ss, center, one_sided);
+  }
+  return local;
+}
+
+}  // namespace ganops::gradient_penalty

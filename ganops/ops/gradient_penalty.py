@@ -1,0 +1,406 @@
+"""Gradient penalties: WGAN-GP on interpolated samples (Gulrajani et al. 2017) and R1 on reals
+(Mescheder et al. 2018), with the double backward through the critic.
+
+    x̂_i = α_i · real_i + (1 − α_i) · fake_i,   α_i ~ U[0, 1), one per sample
+    g   = ∇_x̂ Σ_i D(x̂)_i                        (create_graph=True)
+    GP  = weight · mean_i h(‖g_i‖₂),  h(n) = (n − center)²  or, one-sided, max(0, n − center)²
+    R1  = γ / 2 · mean_i ‖∇_x D(real)_i‖₂²
+
+The norm is per sample over every non-batch dimension. Two fused pieces carry the work, each
+a registered op with its own registered backward op, one pass over memory each way:
+``interpolate`` (x̂ and its backward into real, fake and α) and ``gradient_norm_penalty``
+(per-sample norms and the penalty; its backward scales each sample's gradient by
+weight / N · h'(n_i) / n_i, 0 at n_i = 0). The penalty's backward is first-order in g, and g
+came from autograd with create_graph=True, so autograd carries the penalty's gradient on
+through the critic's double backward into its parameters.
+
+With a ``torch.amp.GradScaler`` the input gradient is taken of the scaled critic output and
+unscaled inside the fused kernel by 1 / scale computed on the device: no host read of the
+scale. A non-finite gradient gives a non-finite penalty, so the scaler skips the step.
+
+Registered ops: ``ganops::interpolate``, ``ganops::interpolate_backward``,
+``ganops::gradient_norm_penalty``, ``ganops::gradient_norm_penalty_backward`` (cpp: CPU and
+CUDA kernels) and their ``*_triton`` twins. The ``torch`` backend is the reference below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ganops import _backend, _ext
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------
+
+def _check_samples(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {t.layout} tensor; ganops supports dense tensors only")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if t.dim() < 1 or t.shape[0] == 0 or t.numel() == 0:
+        raise ValueError(f"{name} must have a batch dimension and at least one element per sample, "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _check_pair(real, fake) -> None:
+    _check_samples(real, "real")
+    _check_samples(fake, "fake")
+    if real.shape != fake.shape:
+        raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if real.dtype != fake.dtype:
+        raise TypeError(f"real and fake must have the same dtype, got {real.dtype} and {fake.dtype}")
+    if real.device != fake.device:
+        raise ValueError(f"real and fake must be on the same device, got {real.device} and {fake.device}")
+
+
+def _alpha_per_sample(alpha, real: torch.Tensor) -> torch.Tensor:
+    """alpha of shape (N,) or (N, 1, ..., 1), as (N,) in real's dtype."""
+    if not isinstance(alpha, torch.Tensor):
+        raise TypeError(f"alpha must be a tensor, got {type(alpha).__name__}")
+    n = real.shape[0]
+    if alpha.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"alpha has dtype {alpha.dtype}; expected a floating dtype")
+    if alpha.device != real.device:
+        raise ValueError(f"alpha must be on real's device {real.device}, got {alpha.device}")
+    if alpha.dim() < 1 or alpha.dim() > real.dim() or alpha.shape[0] != n or alpha.numel() != n:
+        raise ValueError(f"alpha must have shape ({n},) or ({n}, 1, ...) with at most {real.dim()} dims, "
+                         f"one value per sample; got {tuple(alpha.shape)}")
+    return alpha.reshape(n).to(real.dtype)
+
+
+def _check_number(value, name: str, minimum: float | None = None) -> float:
+    if isinstance(value, torch.Tensor) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x) or (minimum is not None and x < minimum):
+        bound = f" and >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be finite{bound}, got {value!r}")
+    return x
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inv_scale_tensor(inv_scale, grads: torch.Tensor) -> torch.Tensor | None:
+    """inv_scale as one value in the accumulation dtype on grads' device (no host sync)."""
+    if inv_scale is None:
+        return None
+    if isinstance(inv_scale, torch.Tensor):
+        if inv_scale.numel() != 1:
+            raise ValueError(f"inv_scale must hold one value, got shape {tuple(inv_scale.shape)}")
+        if inv_scale.device != grads.device:
+            raise ValueError(f"inv_scale must be on grads' device {grads.device}, got {inv_scale.device}")
+        return inv_scale.detach().reshape(()).to(_acc_dtype(grads.dtype))
+    value = _check_number(inv_scale, "inv_scale", minimum=0.0)
+    return torch.tensor(value, dtype=_acc_dtype(grads.dtype), device=grads.device)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference (the `torch` backend)
+# ---------------------------------------------------------------------------------------
+
+def interpolate_reference(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """α_i · real + (1 − α_i) · fake in the accumulation dtype; alpha of shape (N,)."""
+    acc = _acc_dtype(real.dtype)
+    a = alpha.to(acc).reshape((-1,) + (1,) * (real.dim() - 1))
+    return (a * real.to(acc) + (1 - a) * fake.to(acc)).to(real.dtype)
+
+
+def gradient_norm_penalty_reference(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
+                                    one_sided: bool, weight: float) -> torch.Tensor:
+    """weight · mean_i h(‖inv_scale · grads_i‖₂) in the accumulation dtype, returned in grads' dtype."""
+    g = grads.reshape(grads.shape[0], -1).to(_acc_dtype(grads.dtype))
+    if inv_scale is not None:
+        g = g * inv_scale
+    if center == 0:
+        terms = (g * g).sum(dim=1)
+    else:
+        # vector_norm's backward is 0 at a zero norm, never NaN.
+        d = torch.linalg.vector_norm(g, dim=1) - center
+        if one_sided:
+            d = d.clamp(min=0)
+        terms = d * d
+    return (terms.mean() * weight).to(grads.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Registered ops: fake impls for the compiled ops, Triton ops around their launchers
+# ---------------------------------------------------------------------------------------
+
+def _interpolate_fake(real, fake, alpha):
+    return torch.empty_like(real, memory_format=torch.contiguous_format)
+
+
+def _interpolate_backward_fake(grad, real, fake, alpha, need_real, need_fake, need_alpha):
+    def like(flag):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format) if flag else grad.new_empty(0)
+    return like(need_real), like(need_fake), alpha.new_empty(alpha.shape[0] if need_alpha else 0)
+
+
+def _penalty_fake(grads, inv_scale, center, one_sided, weight):
+    return grads.new_empty(()), grads.new_empty(grads.shape[0], dtype=_acc_dtype(grads.dtype))
+
+
+def _penalty_backward_fake(grad_penalty, grads, sumsq, inv_scale, center, one_sided, weight):
+    return torch.empty_like(grads, memory_format=torch.contiguous_format)
+
+
+if _ext.load():
+    torch.library.register_fake("ganops::interpolate")(_interpolate_fake)
+    torch.library.register_fake("ganops::interpolate_backward")(_interpolate_backward_fake)
+    torch.library.register_fake("ganops::gradient_norm_penalty")(_penalty_fake)
+    torch.library.register_fake("ganops::gradient_norm_penalty_backward")(_penalty_backward_fake)
+
+
+@torch.library.custom_op("ganops::interpolate_triton", mutates_args=())
+def _interpolate_triton(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    from ganops.triton_kernels import gradient_penalty as kernels
+    return kernels.interpolate(real, fake, alpha)
+
+
+@torch.library.custom_op("ganops::interpolate_backward_triton", mutates_args=())
+def _interpolate_backward_triton(grad: torch.Tensor, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor,
+                                 need_real: bool, need_fake: bool,
+                                 need_alpha: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ganops.triton_kernels import gradient_penalty as kernels
+    return kernels.interpolate_backward(grad, real, fake, alpha, need_real, need_fake, need_alpha)
+
+
+@torch.library.custom_op("ganops::gradient_norm_penalty_triton", mutates_args=())
+def _gradient_norm_penalty_triton(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
+                                  one_sided: bool, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ganops.triton_kernels import gradient_penalty as kernels
+    return kernels.gradient_norm_penalty(grads, inv_scale, center, one_sided, weight)
+
+
+@torch.library.custom_op("ganops::gradient_norm_penalty_backward_triton", mutates_args=())
+def _gradient_norm_penalty_backward_triton(grad_penalty: torch.Tensor, grads: torch.Tensor, sumsq: torch.Tensor,
+                                           inv_scale: torch.Tensor | None, center: float, one_sided: bool,
+                                           weight: float) -> torch.Tensor:
+    from ganops.triton_kernels import gradient_penalty as kernels
+    return kernels.gradient_norm_penalty_backward(grad_penalty, grads, sumsq, inv_scale, center, one_sided, weight)
+
+
+_interpolate_triton.register_fake(_interpolate_fake)
+_interpolate_backward_triton.register_fake(_interpolate_backward_fake)
+_gradient_norm_penalty_triton.register_fake(_penalty_fake)
+_gradient_norm_penalty_backward_triton.register_fake(_penalty_backward_fake)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd: each forward op's backward is its backward op, on the same backend
+# ---------------------------------------------------------------------------------------
+
+def _interpolate_setup(ctx, inputs, output):
+    real, fake, alpha = inputs
+    need_alpha = ctx.needs_input_grad[2]
+    # alpha serves ∂real and ∂fake; real and fake serve only ∂alpha.
+    ctx.save_for_backward(real if need_alpha else None, fake if need_alpha else None, alpha)
+
+
+def _penalty_setup(ctx, inputs, output):
+    grads, inv_scale, center, one_sided, weight = inputs
+    ctx.save_for_backward(grads, output[1], inv_scale)
+    ctx.args = (center, one_sided, weight)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _interpolate_backward_composite(grad, real, fake, alpha, need_real, need_fake, need_alpha):
+    """interpolate's backward in differentiable torch ops (used under create_graph=True)."""
+    acc = _acc_dtype(grad.dtype)
+    a = alpha.to(acc).reshape((-1,) + (1,) * (grad.dim() - 1))
+    g = grad.to(acc)
+    grad_real = (a * g).to(grad.dtype) if need_real else None
+    grad_fake = ((1 - a) * g).to(grad.dtype) if need_fake else None
+    grad_alpha = ((g * (real.to(acc) - fake.to(acc))).reshape(g.shape[0], -1).sum(1).to(alpha.dtype)
+                  if need_alpha else None)
+    return grad_real, grad_fake, grad_alpha
+
+
+def _penalty_backward_composite(grad_penalty, grads, inv_scale, center, one_sided, weight):
+    """The penalty's backward, go · weight / N · h'(n_i) / n_i · s² · grads_i, in differentiable
+    torch ops (used under create_graph=True, so third-order derivatives stay exact)."""
+    acc = _acc_dtype(grads.dtype)
+    n = grads.shape[0]
+    g = grads.reshape(n, -1).to(acc)
+    if inv_scale is not None:
+        g = g * inv_scale
+    if center == 0:
+        factor = 2.0
+    else:
+        norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+        d = norm - center
+        if one_sided:
+            d = d.clamp(min=0)
+        zero = norm == 0
+        # 0 at a zero norm (the gradient there is the zero vector); a NaN norm stays NaN.
+        factor = torch.where(zero, 0.0, 2 * d / torch.where(zero, 1.0, norm))
+    out = grad_penalty.to(acc) * (weight / n) * factor * g
+    if inv_scale is not None:
+        out = out * inv_scale
+    return out.reshape(grads.shape).to(grads.dtype)
+
+
+def _differentiating_backward(*tensors) -> bool:
+    """Whether autograd records this backward (create_graph=True through it): then the fused
+    backward ops, which have no derivative of their own, give way to differentiable torch ops."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _register_autograd(interpolate_op, interpolate_backward_op, penalty_op, penalty_backward_op):
+    def interpolate_backward(ctx, grad):
+        real, fake, alpha = ctx.saved_tensors
+        need_real, need_fake, need_alpha = ctx.needs_input_grad[:3]
+        if _differentiating_backward(grad, real, fake, alpha):
+            return _interpolate_backward_composite(grad, real, fake, alpha, need_real, need_fake, need_alpha)
+        if real is None:
+            # Not read without need_alpha: the kernel takes grad in their place.
+            real = fake = grad
+        grad_real, grad_fake, grad_alpha = interpolate_backward_op(grad, real, fake, alpha, need_real, need_fake,
+                                                                   need_alpha)
+        return (grad_real if need_real else None, grad_fake if need_fake else None,
+                grad_alpha if need_alpha else None)
+
+    def penalty_backward(ctx, grad_penalty, grad_sumsq):
+        grads, sumsq, inv_scale = ctx.saved_tensors
+        if _differentiating_backward(grad_penalty, grads):
+            return _penalty_backward_composite(grad_penalty, grads, inv_scale, *ctx.args), None, None, None, None
+        grad_grads = penalty_backward_op(grad_penalty, grads, sumsq, inv_scale, *ctx.args)
+        return grad_grads, None, None, None, None
+
+    torch.library.register_autograd(interpolate_op, interpolate_backward, setup_context=_interpolate_setup)
+    torch.library.register_autograd(penalty_op, penalty_backward, setup_context=_penalty_setup)
+
+
+if _ext.load():
+    _register_autograd("ganops::interpolate", torch.ops.ganops.interpolate_backward,
+                       "ganops::gradient_norm_penalty", torch.ops.ganops.gradient_norm_penalty_backward)
+_register_autograd(_interpolate_triton, torch.ops.ganops.interpolate_backward_triton,
+                   _gradient_norm_penalty_triton, torch.ops.ganops.gradient_norm_penalty_backward_triton)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor, *,
+                backend: str | None = None) -> torch.Tensor:
+    """x̂ = α_i · real + (1 − α_i) · fake, one α per sample.
+
+    ``real`` and ``fake``: (N, ...) of one shape, dtype and device; ``alpha``: (N,) or
+    (N, 1, ..., 1). Returns a contiguous (N, ...) tensor; differentiable in all three.
+    """
+    _check_pair(real, fake)
+    alpha = _alpha_per_sample(alpha, real)
+    name = _backend.resolve(backend, real.device)
+    if name == "cpp":
+        return torch.ops.ganops.interpolate(real, fake, alpha)
+    if name == "triton":
+        return torch.ops.ganops.interpolate_triton(real, fake, alpha)
+    return interpolate_reference(real, fake, alpha)
+
+
+def gradient_norm_penalty(grads: torch.Tensor, *, center: float = 1.0, one_sided: bool = False,
+                          weight: float = 1.0, inv_scale=None, backend: str | None = None) -> torch.Tensor:
+    """weight · mean_i h(‖s · grads_i‖₂), a 0-dim tensor in grads' dtype.
+
+    ``grads``: (N, ...), the norm taken per sample over every non-batch dimension (in float32
+    for half types); h(n) = (n − center)², or max(0, n − center)² with ``one_sided``;
+    s = ``inv_scale`` (a one-value tensor on grads' device or a number; 1 when None) unscales
+    gradients taken of a loss-scaled output. At ‖grads_i‖ = 0 the gradient is 0, never NaN.
+    """
+    _check_samples(grads, "grads")
+    center = _check_number(center, "center")
+    weight = _check_number(weight, "weight")
+    if not isinstance(one_sided, bool):
+        raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+    scale = _inv_scale_tensor(inv_scale, grads)
+    name = _backend.resolve(backend, grads.device)
+    if name == "cpp":
+        return torch.ops.ganops.gradient_norm_penalty(grads, scale, center, one_sided, weight)[0]
+    if name == "triton":
+        return torch.ops.ganops.gradient_norm_penalty_triton(grads, scale, center, one_sided, weight)[0]
+    return gradient_norm_penalty_reference(grads, scale, center, one_sided, weight)
+
+
+def _check_scaler(scaler):
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+
+
+def _input_gradient(critic, x: torch.Tensor, scaler) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(∇_x Σ critic(x), inverse scale or None) with create_graph=True; with an enabled scaler
+    the gradient is of the scaled output and the inverse scale is computed on the device."""
+    if not callable(critic):
+        raise TypeError(f"critic must be callable (a module or function), got {type(critic).__name__}")
+    n = x.shape[0]
+    with torch.enable_grad():
+        out = critic(x)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) not in ((n,), (n, 1)):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"critic output must have shape ({n},) or ({n}, 1), one score per sample; got {shape}")
+        inv_scale = None
+        if scaler is not None and scaler.is_enabled():
+            out = scaler.scale(out)
+            inv_scale = scaler._scale.reciprocal()
+        (grads,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return grads, inv_scale
+
+
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, *, weight: float = 10.0, center: float = 1.0,
+                     one_sided: bool = False, alpha: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, scaler: torch.amp.GradScaler | None = None,
+                     backend: str | None = None) -> torch.Tensor:
+    """WGAN-GP: weight · mean_i h(‖∇_x̂ D(x̂)_i‖₂) on x̂ = α_i · real + (1 − α_i) · fake.
+
+    ``critic``: a callable mapping (N, ...) to scores of shape (N,) or (N, 1). ``real``,
+    ``fake``: (N, ...). ``alpha``: (N,) or (N, 1, ..., 1); when None, α ~ U[0, 1) per sample
+    from ``generator``. h(n) = (n − center)², or max(0, n − center)² with ``one_sided``. Returns
+    a 0-dim tensor whose gradient reaches the critic's parameters (and real / fake when they
+    require grad). With ``scaler`` (an enabled torch.amp.GradScaler) the input gradient is
+    taken of the scaled score and unscaled on the device inside the fused kernel.
+    """
+    _check_pair(real, fake)
+    _check_scaler(scaler)
+    n = real.shape[0]
+    if alpha is None:
+        if generator is not None and generator.device.type != real.device.type:
+            raise ValueError(f"generator must be on real's device type {real.device.type}, "
+                             f"got {generator.device}")
+        alpha = torch.rand(n, generator=generator, device=real.device, dtype=real.dtype)
+    with torch.enable_grad():
+        x_hat = interpolate(real, fake, alpha, backend=backend)
+        if not x_hat.requires_grad:
+            x_hat.requires_grad_(True)
+        grads, inv_scale = _input_gradient(critic, x_hat, scaler)
+        return gradient_norm_penalty(grads, center=center, one_sided=one_sided, weight=weight,
+                                     inv_scale=inv_scale, backend=backend)
+
+
+def r1_penalty(critic, real: torch.Tensor, *, gamma: float = 10.0, scaler: torch.amp.GradScaler | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """R1: γ / 2 · mean_i ‖∇_x D(real)_i‖₂², zero-centred on real samples (StyleGAN's regulariser).
+
+    ``critic``: a callable mapping (N, ...) to scores of shape (N,) or (N, 1); ``real``: (N, ...).
+    The gradient reaches the critic's parameters, and ``real`` when it requires grad. ``scaler``
+    as in gradient_penalty.
+    """
+    _check_samples(real, "real")
+    _check_scaler(scaler)
+    gamma = _check_number(gamma, "gamma")
+    with torch.enable_grad():
+        x = real if real.requires_grad else real.detach().requires_grad_(True)
+        grads, inv_scale = _input_gradient(critic, x, scaler)
+        return gradient_norm_penalty(grads, center=0.0, weight=gamma / 2, inv_scale=inv_scale, backend=backend)

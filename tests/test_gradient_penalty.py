@@ -1,0 +1,549 @@
+"""Tests of ganops.gradient_penalty, ganops.r1_penalty and their fused pieces.
+
+Everything is checked against a hand-written WGAN-GP / R1 in plain PyTorch (the canonical
+formulas below, written here rather than taken from ganops' own reference), in float64.
+Spectral-normalised critics and minibatch discrimination are other ops: their integration
+tests are added once those ops are merged.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import ganops
+from conftest import assert_within_reference_error, backend_params, tol
+
+BACKENDS = backend_params()
+CPU_BACKENDS = backend_params(devices=("cpu",))
+HAS_CPP = ganops._backend.unavailable_reason("cpp", "cpu") is None
+requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="the compiled extension is not built")
+
+
+# ---------------------------------------------------------------------------------------
+# The canonical formulas, written out by hand
+# ---------------------------------------------------------------------------------------
+
+def canonical_wgan_gp(critic, real, fake, alpha, weight=10.0, center=1.0, one_sided=False):
+    """Gulrajani et al.'s penalty as it is usually written in training scripts."""
+    n = real.shape[0]
+    a = alpha.reshape(n, *([1] * (real.dim() - 1)))
+    x_hat = a * real + (1 - a) * fake
+    if not x_hat.requires_grad:
+        x_hat.requires_grad_(True)
+    out = critic(x_hat)
+    grads = torch.autograd.grad(outputs=out, inputs=x_hat, grad_outputs=torch.ones_like(out),
+                                create_graph=True, retain_graph=True)[0]
+    norms = grads.reshape(n, -1).norm(2, dim=1)
+    d = norms - center
+    if one_sided:
+        d = torch.relu(d)
+    return weight * (d ** 2).mean()
+
+
+def canonical_r1(critic, real, gamma=10.0):
+    """StyleGAN's R1: gamma / 2 * E ||grad_x D(x)||^2 on reals."""
+    x = real.detach().requires_grad_(True)
+    out = critic(x)
+    (grads,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return gamma / 2 * grads.square().reshape(x.shape[0], -1).sum(1).mean()
+
+
+def input_grad_norms(critic, real, fake, alpha):
+    a = alpha.reshape(-1, *([1] * (real.dim() - 1)))
+    x = (a * real + (1 - a) * fake).requires_grad_(True)
+    (g,) = torch.autograd.grad(critic(x).sum(), x)
+    return g.reshape(g.shape[0], -1).norm(dim=1)
+
+
+def mlp_critic(in_features=6, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(in_features, 16), nn.LeakyReLU(0.2), nn.LayerNorm(16),
+                         nn.Linear(16, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1)).double()
+
+
+def conv_critic(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.LayerNorm([8, 2, 2]),
+        nn.Flatten(), nn.Linear(32, 1), nn.Flatten(0)).double()  # output (N,)
+
+
+CRITICS = {"mlp": (mlp_critic, (5, 6)), "conv": (conv_critic, (4, 3, 8, 8))}
+
+
+def param_grads(critic, loss):
+    params = list(critic.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def assert_close_list(actual, expected, **kw):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **kw)
+
+
+def samples(shape, device="cpu", dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+    fake = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+    alpha = torch.rand(shape[0], generator=g, dtype=torch.float64).to(device, dtype)
+    return real, fake, alpha
+
+
+# ---------------------------------------------------------------------------------------
+# Against the canonical WGAN-GP and R1: value and every critic parameter's gradient
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(CRITICS))
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_gradient_penalty_matches_canonical(kind, device, backend, one_sided):
+    make, shape = CRITICS[kind]
+    critic = make().to(device)
+    real, fake, alpha = samples(shape, device)
+    # For one_sided, a center at the mean norm has samples on each side: some are clipped.
+    center = input_grad_norms(critic, real, fake, alpha).mean().item() if one_sided else 1.0
+    expected = canonical_wgan_gp(critic, real, fake, alpha, weight=7.0, center=center, one_sided=one_sided)
+    got = ganops.gradient_penalty(critic, real, fake, alpha=alpha, weight=7.0, center=center, one_sided=one_sided,
+                                  backend=backend)
+    assert got.shape == () and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, **tol(torch.float64))
+    assert_close_list(param_grads(critic, got), param_grads(critic, expected), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("kind", list(CRITICS))
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_r1_matches_canonical(kind, device, backend):
+    make, shape = CRITICS[kind]
+    critic = make().to(device)
+    real, _, _ = samples(shape, device)
+    expected = canonical_r1(critic, real, gamma=3.0)
+    got = ganops.r1_penalty(critic, real, gamma=3.0, backend=backend)
+    torch.testing.assert_close(got, expected, **tol(torch.float64))
+    assert_close_list(param_grads(critic, got), param_grads(critic, expected), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("kind", list(CRITICS))
+def test_one_sided_clips_some_samples(kind):
+    """The one-sided case above must not be vacuous: the norms are not all equal, so the mean
+    has samples on both sides, and the two-sided penalty differs from the one-sided one."""
+    make, shape = CRITICS[kind]
+    critic = make()
+    real, fake, alpha = samples(shape)
+    norms = input_grad_norms(critic, real, fake, alpha)
+    center = norms.mean()
+    assert (norms < center).any() and (norms > center).any(), norms
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_gradients_reach_real_and_fake(device, backend):
+    critic = mlp_critic()
+    real, fake, alpha = samples((5, 6))
+    real.requires_grad_(True)
+    fake.requires_grad_(True)
+    expected = canonical_wgan_gp(critic, real, fake, alpha)
+    got = ganops.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
+    exp_r, exp_f = torch.autograd.grad(expected, (real, fake))
+    got_r, got_f = torch.autograd.grad(got, (real, fake))
+    torch.testing.assert_close(got_r, exp_r, **tol(torch.float64))
+    torch.testing.assert_close(got_f, exp_f, **tol(torch.float64))
+    assert exp_r.abs().max() > 0
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_alpha_shapes_and_generator(device, backend):
+    critic = mlp_critic()
+    real, fake, alpha = samples((5, 6))
+    flat = ganops.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
+    column = ganops.gradient_penalty(critic, real, fake, alpha=alpha[:, None], backend=backend)
+    torch.testing.assert_close(flat, column, rtol=0, atol=0)
+    # Without alpha: one U[0, 1) draw per sample from the generator, as torch.rand(N) draws.
+    drawn = ganops.gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(7),
+                                    backend=backend)
+    alpha_7 = torch.rand(5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(drawn, canonical_wgan_gp(critic, real, fake, alpha_7), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_norm_is_per_sample_over_all_dims(device, backend):
+    """The classic bug, a norm over channels per pixel, would give a different value here."""
+    g = torch.zeros(2, 3, 2, 2, dtype=torch.float64)
+    g[0, :, 0, 0] = torch.tensor([3.0, 0.0, 0.0])
+    g[0, 0, 1, 1] = 4.0
+    got = ganops.gradient_norm_penalty(g, center=1.0, weight=1.0, backend=backend)
+    # sample 0: ||g|| = 5; sample 1: 0.
+    torch.testing.assert_close(got, torch.tensor((16.0 + 1.0) / 2, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# The fused pieces
+# ---------------------------------------------------------------------------------------
+
+def exact_penalty(grads, center, one_sided, weight, inv_scale=1.0):
+    """Float64 value of the penalty, written independently of ganops."""
+    g = grads.double().reshape(grads.shape[0], -1) * inv_scale
+    d = g.norm(dim=1) - center
+    if one_sided:
+        d = d.clamp(min=0)
+    return weight * (d * d).mean()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("center,one_sided", [(1.0, False), (0.7, True), (0.0, False)])
+def test_gradient_norm_penalty_gradcheck(device, backend, center, one_sided):
+    g = torch.randn(4, 3, 5, dtype=torch.float64, device=device) * 0.5
+    g[1] = 0  # a zero-norm sample inside the checked region
+    g.requires_grad_(True)
+
+    def fn(x):
+        return ganops.gradient_norm_penalty(x, center=center, one_sided=one_sided, weight=2.5, backend=backend)
+
+    torch.testing.assert_close(fn(g), exact_penalty(g.detach(), center, one_sided, 2.5), **tol(torch.float64))
+    # The zero sample's entries are kept out of the numerical check (the norm has a kink there).
+    assert torch.autograd.gradcheck(lambda x: fn(torch.cat([x[:1], g[1:2].detach(), x[2:]])), (g,))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_interpolate_gradcheck(device, backend):
+    real, fake, alpha = samples((3, 2, 5), device)
+    args = tuple(t.clone().requires_grad_(True) for t in (real, fake, alpha))
+    a = alpha[:, None, None]
+    torch.testing.assert_close(ganops.interpolate(real, fake, alpha, backend=backend), a * real + (1 - a) * fake,
+                               **tol(torch.float64))
+    assert torch.autograd.gradcheck(lambda r, f, al: ganops.interpolate(r, f, al, backend=backend), args)
+    # Each subset of inputs asks the backward for only its outputs.
+    for mask in [(True, False, False), (False, True, False), (False, False, True)]:
+        sub = [t.detach().requires_grad_(m) for t, m in zip((real, fake, alpha), mask)]
+        assert torch.autograd.gradcheck(lambda *xs: ganops.interpolate(*xs, backend=backend), sub)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("center,one_sided", [(1.0, False), (0.7, True), (0.0, False)])
+def test_fused_pieces_gradgradcheck(device, backend, center, one_sided):
+    """Differentiating the penalty's backward again (create_graph=True through it) stays exact."""
+    g = (torch.randn(3, 2, 4, dtype=torch.float64, device=device) * 0.4).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda x: ganops.gradient_norm_penalty(x, center=center, one_sided=one_sided, weight=2.5, backend=backend),
+        (g,))
+    real, fake, alpha = (t.requires_grad_(True) for t in samples((3, 2, 4), device))
+    assert torch.autograd.gradgradcheck(lambda r, f, a: ganops.interpolate(r, f, a, backend=backend),
+                                        (real, fake, alpha))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_zero_norm_gradient_is_zero(device, backend):
+    g = torch.zeros(3, 4, 4, dtype=torch.float32, device=device, requires_grad=True)
+    p = ganops.gradient_norm_penalty(g, center=1.0, weight=10.0, backend=backend)
+    torch.testing.assert_close(p, torch.tensor(10.0, device=device))
+    (dg,) = torch.autograd.grad(p, g)
+    assert torch.isfinite(dg).all() and (dg == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf, in numpy under the Triton interpreter
+def test_nonfinite_gradient_gives_nonfinite_penalty(device, backend):
+    for bad in (float("nan"), float("inf")):
+        g = torch.randn(3, 8, device=device)
+        g[1, 2] = bad
+        g.requires_grad_(True)
+        p = ganops.gradient_norm_penalty(g, backend=backend)
+        assert not torch.isfinite(p), (bad, p)
+        (dg,) = torch.autograd.grad(p, g)
+        assert not torch.isfinite(dg[1]).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_penalty_and_backward(device, backend, dtype):
+    g64 = torch.randn(6, 3, 7, 9, dtype=torch.float64, device=device) * 0.3
+    gl = g64.to(dtype).requires_grad_(True)
+    exact = g64.to(dtype).double().requires_grad_(True)
+    p_exact = exact_penalty(exact, 1.0, False, 10.0)
+    (d_exact,) = torch.autograd.grad(p_exact, exact)
+
+    def plain_torch(x):  # the eager formula users run in this dtype
+        return 10.0 * ((x.reshape(x.shape[0], -1).norm(dim=1) - 1.0) ** 2).mean()
+
+    low = gl.detach().clone().requires_grad_(True)
+    p_low = plain_torch(low)
+    (d_low,) = torch.autograd.grad(p_low, low)
+    p = ganops.gradient_norm_penalty(gl, weight=10.0, backend=backend)
+    (d,) = torch.autograd.grad(p, gl)
+    assert p.dtype == dtype and d.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(p.double(), p_exact, **tol(dtype))
+        torch.testing.assert_close(d.double(), d_exact, **tol(dtype))
+    else:
+        assert_within_reference_error(p, p_low, p_exact, dtype)
+        assert_within_reference_error(d, d_low, d_exact, dtype)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_interpolate(device, backend, dtype):
+    real, fake, alpha = samples((4, 3, 5, 5), device)
+    r, f, a = (t.to(dtype) for t in (real, fake, alpha))
+    x = ganops.interpolate(r, f, a, backend=backend)
+    a4 = a.double()[:, None, None, None]
+    exact = a4 * r.double() + (1 - a4) * f.double()
+    al = a[:, None, None, None]
+    assert x.dtype == dtype
+    assert_within_reference_error(x, al * r + (1 - al) * f, exact, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision: the scaler path
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_scaler_path_equals_unscaled(device, backend):
+    critic = mlp_critic().float()
+    real, fake, alpha = (t.float() for t in samples((5, 6)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    plain = ganops.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
+    scaled = ganops.gradient_penalty(critic, real, fake, alpha=alpha, scaler=scaler, backend=backend)
+    torch.testing.assert_close(scaled, plain, **tol(torch.float32))
+    assert_close_list(param_grads(critic, scaled), param_grads(critic, plain), **tol(torch.float32))
+    r1_plain = ganops.r1_penalty(critic, real, backend=backend)
+    r1_scaled = ganops.r1_penalty(critic, real, scaler=scaler, backend=backend)
+    torch.testing.assert_close(r1_scaled, r1_plain, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_scaler_overflow_gives_nonfinite_penalty(device, backend):
+    # The scaled input gradient overflows float32 (1e35 * 2^16): the penalty must show it.
+    critic = nn.Linear(6, 1)
+    with torch.no_grad():
+        critic.weight.fill_(1e35)
+    real, fake, alpha = (t.float() for t in samples((5, 6)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    p = ganops.gradient_penalty(critic, real, fake, alpha=alpha, scaler=scaler, backend=backend)
+    assert not torch.isfinite(p)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_inv_scale_is_applied_inside(device, backend):
+    g = torch.randn(4, 10, dtype=torch.float64, device=device)
+    scaled = (g * 1024).requires_grad_(True)
+    p = ganops.gradient_norm_penalty(scaled, inv_scale=torch.tensor([1 / 1024], device=device), backend=backend)
+    torch.testing.assert_close(p, exact_penalty(g, 1.0, False, 1.0), **tol(torch.float64))
+    (d,) = torch.autograd.grad(p, scaled)
+    gg = g.clone().requires_grad_(True)
+    (d_exact,) = torch.autograd.grad(exact_penalty(gg, 1.0, False, 1.0), gg)
+    torch.testing.assert_close(d, d_exact / 1024, **tol(torch.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# Registered ops: opcheck, torch.compile, determinism, the CUDA launch check
+# ---------------------------------------------------------------------------------------
+
+def _op_cases(device="cpu"):
+    real, fake, alpha = samples((3, 4, 5), device, torch.float32)
+    grad = torch.randn(3, 4, 5, device=device)
+    g = torch.randn(3, 4, 5, device=device)
+    sumsq = (g.reshape(3, -1) ** 2).sum(1)
+    scale = torch.tensor(0.5, device=device)
+    return [
+        ("interpolate", (real.requires_grad_(True), fake.requires_grad_(True), alpha.requires_grad_(True))),
+        ("interpolate_backward", (grad, real.detach(), fake.detach(), alpha.detach(), True, False, True)),
+        ("gradient_norm_penalty", (g.clone().requires_grad_(True), None, 1.0, False, 10.0)),
+        ("gradient_norm_penalty", (g.clone().requires_grad_(True), scale, 0.5, True, 2.0)),
+        ("gradient_norm_penalty_backward", (torch.tensor(1.5, device=device), g, sumsq, scale, 1.0, False, 10.0)),
+    ]
+
+
+@requires_cpp
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck_cpp(case):
+    name, args = _op_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.ganops, name), args)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck_triton(case):
+    reason = ganops._backend.unavailable_reason("triton", "cpu")
+    if reason:
+        pytest.skip(reason)
+    name, args = _op_cases()[case]
+    # The Triton ops run under the interpreter here, where torch.compile cannot trace them
+    # (no data pointers on fake tensors, see DESIGN.md): opcheck's other checks still run.
+    torch.library.opcheck(getattr(torch.ops.ganops, name + "_triton"), args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@requires_cpp
+def test_torch_compile_fullgraph_cpp():
+    torch._dynamo.reset()
+
+    def step(real, fake, alpha, w):
+        x = ganops.interpolate(real, fake, alpha, backend="cpp")
+        return ganops.gradient_norm_penalty(x * w, center=1.0, weight=10.0, backend="cpp")
+
+    real, fake, alpha = samples((4, 3, 6), dtype=torch.float32)
+    w = torch.randn(3, 6, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(real, fake, alpha, w)
+    expected = step(real, fake, alpha, w)
+    torch.testing.assert_close(got, expected, **tol(torch.float32))
+    torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(expected, w)[0],
+                               **tol(torch.float32))
+
+
+@requires_cpp
+def test_cpu_kernels_deterministic_across_thread_counts():
+    g = torch.randn(6, 40000)  # three chunks per sample
+    real, fake = torch.randn(6, 40000), torch.randn(6, 40000)
+    alpha = torch.rand(6)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            p, ss = torch.ops.ganops.gradient_norm_penalty(g, None, 1.0, False, 10.0)
+            back = torch.ops.ganops.gradient_norm_penalty_backward(torch.tensor(1.0), g, ss, None, 1.0, False, 10.0)
+            ga = torch.ops.ganops.interpolate_backward(g, real, fake, alpha, True, True, True)
+            results.append((p, ss, back, *ga))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@requires_cpp
+@pytest.mark.parametrize("shape", [(3, 40000), (300, 7), (2, 16384), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_cuda_launch_check(shape, dtype):
+    """The CUDA kernels' per-thread work, run for every (block, thread) of the real launch:
+    several chunks per sample, more samples than finishing threads, an exact chunk, one element."""
+    # Gradients of 0.1 scale keep the float16 penalty (returned in grads' dtype) in range.
+    g64, r64, f64 = (torch.randn(shape, dtype=torch.float64) * 0.1 for _ in range(3))
+    g, r, f = g64.to(dtype), r64.to(dtype), f64.to(dtype)
+    visits, sumsq, penalty, grad_alpha = torch.ops.ganops._gradient_penalty_cuda_launch_check(
+        g, r, f, 1.0, False, 10.0)
+    assert visits.shape == (g.numel(),) and (visits == 1).all()
+    gd, rd, fd = g.double(), r.double(), f.double()
+    exact_ss = (gd.reshape(shape[0], -1) ** 2).sum(1)
+    exact_ga = (gd * (rd - fd)).reshape(shape[0], -1).sum(1)
+    t = tol(torch.float64) if dtype == torch.float64 else tol(torch.float32)
+    torch.testing.assert_close(sumsq.double(), exact_ss, **t)
+    torch.testing.assert_close(penalty.double(), exact_penalty(gd, 1.0, False, 10.0),
+                               **(t if dtype != torch.float16 else tol(torch.float16)))
+    torch.testing.assert_close(grad_alpha.double(), exact_ga, **(t if dtype != torch.float16 else
+                                                                  dict(rtol=2e-3, atol=2e-3 * math.sqrt(g.numel()))))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    critic = mlp_critic()
+    real, fake, alpha = samples((5, 6))
+    with pytest.raises(ValueError, match="real and fake must have the same shape"):
+        ganops.gradient_penalty(critic, real, fake[:4])
+    with pytest.raises(TypeError, match="real and fake must have the same dtype"):
+        ganops.gradient_penalty(critic, real, fake.float())
+    with pytest.raises(ValueError, match="real and fake must be on the same device"):
+        ganops.gradient_penalty(critic, real, fake.to("meta"))
+    with pytest.raises(TypeError, match="real has dtype torch.int64"):
+        ganops.gradient_penalty(critic, real.long(), fake.long())
+    with pytest.raises(ValueError, match="real must have a batch dimension"):
+        ganops.gradient_penalty(critic, real[:0], fake[:0])
+    with pytest.raises(ValueError, match=r"alpha must have shape \(5,\)"):
+        ganops.gradient_penalty(critic, real, fake, alpha=alpha[:4])
+    with pytest.raises(ValueError, match=r"alpha must have shape \(5,\)"):
+        ganops.gradient_penalty(critic, real, fake, alpha=alpha[:, None].expand(5, 6))
+    with pytest.raises(ValueError, match=r"critic output must have shape \(5,\) or \(5, 1\)"):
+        ganops.gradient_penalty(lambda x: x, real, fake)
+    with pytest.raises(ValueError, match="critic output must have shape"):
+        ganops.r1_penalty(lambda x: x.sum(), real)
+    with pytest.raises(TypeError, match="critic must be callable"):
+        ganops.gradient_penalty("critic", real, fake)
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        ganops.gradient_penalty(critic, real, fake, scaler=object())
+    with pytest.raises(ValueError, match="generator must be on real's device"):
+        ganops.gradient_penalty(critic, real.to("meta"), fake.to("meta"), generator=torch.Generator(),
+                                backend="torch")
+    with pytest.raises(TypeError, match="grads must be a tensor"):
+        ganops.gradient_norm_penalty([1.0, 2.0])
+    with pytest.raises(ValueError, match="weight must be finite"):
+        ganops.gradient_norm_penalty(real, weight=float("nan"))
+    with pytest.raises(TypeError, match="one_sided must be a bool"):
+        ganops.gradient_norm_penalty(real, one_sided=1)
+    with pytest.raises(ValueError, match="inv_scale must hold one value"):
+        ganops.gradient_norm_penalty(real, inv_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        ganops.r1_penalty(critic, real, gamma=float("inf"))
+
+
+@requires_cpp
+def test_bad_inputs_reach_no_kernel():
+    """Calls straight to the registered ops fail in the C++ checks, naming the argument."""
+    g = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="alpha must have shape"):
+        torch.ops.ganops.interpolate(g, g, torch.rand(2))
+    with pytest.raises(RuntimeError, match="real and fake must have the same shape"):
+        torch.ops.ganops.interpolate(g, g[:2], torch.rand(3))
+    with pytest.raises(RuntimeError, match="inv_scale must be Float"):
+        torch.ops.ganops.gradient_norm_penalty(g, torch.tensor(1.0, dtype=torch.float64), 1.0, False, 1.0)
+    with pytest.raises(RuntimeError, match="grads must have a batch dimension"):
+        torch.ops.ganops.gradient_norm_penalty(torch.randn(0, 4), None, 1.0, False, 1.0)
+    with pytest.raises(RuntimeError, match="sumsq must have shape"):
+        torch.ops.ganops.gradient_norm_penalty_backward(torch.tensor(1.0), g, torch.ones(2), None, 1.0, False, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# A short WGAN-GP training run: ganops against the hand-written penalty
+# ---------------------------------------------------------------------------------------
+
+def eight_gaussians(n, generator):
+    angles = torch.randint(0, 8, (n,), generator=generator).double() * (math.pi / 4)
+    centers = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1) * 2.0
+    return centers + 0.02 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+
+
+def train_wgan_gp(penalty_fn, steps=150, n_critic=2, batch=64):
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)).double()
+    critic = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 32), nn.LeakyReLU(0.2),
+                           nn.Linear(32, 1)).double()
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    data = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        for _ in range(n_critic):
+            real = eight_gaussians(batch, data)
+            fake = gen(torch.randn(batch, 2, generator=data, dtype=torch.float64)).detach()
+            alpha = torch.rand(batch, 1, generator=data, dtype=torch.float64)
+            loss_d = critic(fake).mean() - critic(real).mean() + penalty_fn(critic, real, fake, alpha)
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+        loss_g = -critic(gen(torch.randn(batch, 2, generator=data, dtype=torch.float64))).mean()
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        losses.append((loss_d.item(), loss_g.item()))
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@requires_cpp
+def test_short_wgan_gp_training_matches_hand_written():
+    """300 critic steps and 150 generator steps, float64."""
+    # Layers this small gain nothing from threads, and on a shared machine idle threads only wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = train_wgan_gp(canonical_wgan_gp)
+        got = train_wgan_gp(lambda c, r, f, a: ganops.gradient_penalty(c, r, f, alpha=a, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    # Training must actually move (the critic's loss changes), and ganops must follow it step by step.
+    assert (expected[:, 0].max() - expected[:, 0].min()) > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
