@@ -16,6 +16,8 @@ from ganops._backend import (
 )
 from ganops._ext import build_info
 from ganops.ops.clip_grad_norm import clip_grad_norm_, clip_grads_with_norm_, get_total_norm, grad_norm
+from ganops.ops.minibatch_discrimination import minibatch_similarity
+from ganops import nn
 
 _ext.load()
 
@@ -29,6 +31,7 @@ __all__ = [
     "get_total_norm",
     "get_backend",
     "grad_norm",
+    "minibatch_similarity",
     "set_backend",
     "use_backend",
 ]
