@@ -126,9 +126,9 @@ def _local_version_tag():
     return f"{torch_tag}{cuda_tag}"
 
 
-def _write_build_info():
+def _write_build_info(path):
     info = {
-        "version": BASE_VERSION,
+        "version": version,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "cuda_kernels": build_cuda,
@@ -136,22 +136,29 @@ def _write_build_info():
         "nvcc_version": ".".join(map(str, _nvcc_version(cuda_home))) if build_cuda else None,
         "cuda_arch_list": arch_list,
     }
-    with open(os.path.join(ROOT, "ganops", "_build_info.py"), "w") as f:
+    with open(path, "w") as f:
         f.write('"""Written by setup.py at build time; do not edit."""\n\n')
         f.write(f"BUILD_INFO = {info!r}\n")
 
 
 class BuildExtensionInTree(BuildExtension.with_options(use_ninja=True)):
-    """Keeps object files in build/ under the source tree, so a second build (pip makes a
-    fresh temporary directory for every editable install) recompiles only what changed."""
+    """Keeps object files under build/ in the source tree, one folder per architecture
+    list, so a second build (pip makes a fresh temporary directory for every install)
+    recompiles only what changed, and a wheel for other architectures does not throw the
+    development build's objects away. Writes the build facts beside the extension it built."""
 
     def finalize_options(self):
         super().finalize_options()
-        self.build_temp = os.path.join(ROOT, "build", "temp")
+        arch_tag = re.sub(r"[^0-9A-Za-z]+", "_", arch_list) if build_cuda else "cpu"
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{arch_tag}")
+
+    def run(self):
+        super().run()
+        package_dir = os.path.dirname(self.get_ext_fullpath("ganops._C"))
+        _write_build_info(os.path.join(package_dir, "_build_info.py"))
 
 
 BASE_VERSION = "0.1.0"
-_write_build_info()
 
 version = BASE_VERSION
 if os.environ.get("GANOPS_LOCAL_VERSION", "0") == "1":

@@ -32,9 +32,9 @@ def load() -> bool:
     info = _build_info_module()
     built_for = info["torch_version"] if info else None
     if built_for is not None and built_for != torch.__version__:
-        _load_error = (f"ganops was built against torch {built_for} but torch {torch.__version__} "
-                       f"is installed; rebuild ganops (pip install --no-build-isolation -e .) or "
-                       f"install torch {built_for}")
+        _load_error = (f"the compiled kernels were built against torch {built_for} but torch "
+                       f"{torch.__version__} is installed; install torch {built_for}, or a ganops "
+                       f"built against this torch")
     else:
         try:
             importlib.import_module("ganops._C")

@@ -72,7 +72,11 @@ def _reduce(values, KIND: tl.constexpr):
 @triton.jit
 def _finish(total, KIND: tl.constexpr, P):
     if KIND == 1:
-        return tl.sqrt_rn(total)
+        # tl.sqrt is approximate in float32; sqrt_rn rounds correctly (float32 only).
+        if total.dtype == tl.float32:
+            return tl.sqrt_rn(total)
+        else:
+            return tl.sqrt(total)
     elif KIND == 3:
         positive = total > 0
         return tl.where(positive, tl.exp2(tl.log2(tl.where(positive, total, 1.0)) / P), 0.0)

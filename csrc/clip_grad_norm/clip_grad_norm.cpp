@@ -9,6 +9,9 @@ TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // Scales every tensor in place by min(max_norm / (total_norm + 1e-6), 1), the
   // coefficient computed on the tensors' device.
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
+  // Both of the above in one call: returns the norm, scales in place. One call keeps the
+  // per-call cost of passing thousands of tensors from Python down to once.
+  m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
   // Test hook, CPU only: runs the CUDA norm kernels' per-thread functions for every block
   // and thread of the launch the CUDA host code would choose. Returns (times each element
   // was visited, per-tensor norms, total norm).

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ganops/checks.h>
 #include <ganops/common.h>
 
 #include <algorithm>
@@ -168,6 +169,25 @@ struct Tables {
   std::vector<int64_t> group_first_chunk;  // size n_groups + 1
   int64_t n_chunks = 0;
 };
+
+// Checks shared by the CPU and CUDA host code; Python reports these errors again with the
+// user's argument names.
+inline void check_norm_type(double norm_type) {
+  TORCH_CHECK(norm_type > 0, "norm_type must be positive, got ", norm_type);
+}
+
+inline void check_grad_tensor(const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.layout() == at::kStrided, "gradients must be dense (strided) tensors, got ", t.layout());
+  check_float(t, "every gradient");
+  TORCH_CHECK(t.device() == device, "gradients must all be on one device, got ", device, " and ", t.device());
+}
+
+inline void check_total_norm(const at::Tensor& total_norm, const at::Device& device) {
+  TORCH_CHECK(total_norm.numel() == 1, "total_norm must hold one value, got shape ", total_norm.sizes());
+  TORCH_CHECK(total_norm.device() == device, "total_norm must be on ", device, ", got ", total_norm.device());
+  TORCH_CHECK(total_norm.scalar_type() == c10::kFloat || total_norm.scalar_type() == c10::kDouble,
+              "total_norm must be float32 or float64, got ", total_norm.scalar_type());
+}
 
 // Table entries for contiguous tensors; by_dtype puts each dtype in its own group.
 inline std::vector<TensorEntry> entries_of(const std::vector<at::Tensor>& tensors, bool by_dtype) {

@@ -71,12 +71,9 @@ __global__ void __launch_bounds__(kThreads)
                           [&](int64_t i) { chunk[i] = static_cast<T>(static_cast<Acc>(chunk[i]) * scale); });
 }
 
-void check_cuda_inputs(at::TensorList tensors, const char* op) {
-  for (const auto& t : tensors) {
-    check_float(t, "every tensor in tensors");
-    TORCH_CHECK(t.device() == tensors[0].device(), op, ": every tensor must be on one device, got ",
-                tensors[0].device(), " and ", t.device());
-  }
+void check_cuda_tensors(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "expected at least one tensor");
+  for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
 }
 
 // Copies the tables to the device without blocking the host: pinned staging memory, whose
@@ -115,22 +112,13 @@ void launch_norm(const std::vector<at::Tensor>& tensors, const Tables& tables, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type,
-                                                          bool per_tensor) {
-  TORCH_CHECK(norm_type > 0, "norm_type must be positive, got ", norm_type);
-  TORCH_CHECK(!tensors.empty(), "multi_tensor_norm (CUDA): tensors must not be empty");
-  check_cuda_inputs(tensors, "multi_tensor_norm");
-  const at::Device device = tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  const auto contig = contiguous_all(tensors);
-  const int64_t n = static_cast<int64_t>(contig.size());
-  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  const at::Tensor table = tables_on_device(tables, device);
-  const auto opts = at::TensorOptions().dtype(result_dtype(tensors)).device(device);
+std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table,
+                                             const Tables& tables, NormSpec s, bool per_tensor,
+                                             c10::ScalarType out_dtype) {
+  const auto opts = at::TensorOptions().dtype(out_dtype).device(contig[0].device());
   at::Tensor total = at::empty({}, opts);
-  at::Tensor per = at::empty({per_tensor ? n : 0}, opts);
-  const NormSpec s = make_norm_spec(norm_type);
-  if (total.scalar_type() == c10::kDouble) {
+  at::Tensor per = at::empty({per_tensor ? static_cast<int64_t>(contig.size()) : 0}, opts);
+  if (out_dtype == c10::kDouble) {
     launch_norm<double>(contig, tables, table, s, total, per, per_tensor);
   } else {
     launch_norm<float>(contig, tables, table, s, total, per, per_tensor);
@@ -138,20 +126,9 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   return {total, per};
 }
 
-void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
-  if (tensors.empty()) return;
-  check_cuda_inputs(tensors, "multi_tensor_scale_");
-  const at::Device device = tensors[0].device();
-  TORCH_CHECK(total_norm.numel() == 1, "total_norm must hold one value, got shape ", total_norm.sizes());
-  check_same_device(total_norm, "total_norm", tensors[0], "tensors");
-  TORCH_CHECK(total_norm.scalar_type() == c10::kFloat || total_norm.scalar_type() == c10::kDouble,
-              "total_norm must be float32 or float64, got ", total_norm.scalar_type());
-  c10::cuda::CUDAGuard guard(device);
-  const auto contig = contiguous_all(tensors);
+void scale_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, const Tables& tables,
+                const at::Tensor& total, double max_norm) {
   const int64_t n = static_cast<int64_t>(contig.size());
-  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  const at::Tensor table = tables_on_device(tables, device);
-  const at::Tensor total = total_norm.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int g = 0; g < kNumGroups; ++g) {
     const int64_t first = tables.group_first_chunk[g];
@@ -171,9 +148,49 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_nor
       });
     });
   }
+}
+
+// Non-contiguous inputs were scaled in contiguous copies: write those back.
+void copy_back(at::TensorList tensors, const std::vector<at::Tensor>& contig) {
   for (size_t k = 0; k < tensors.size(); ++k) {
-    if (!tensors[k].is_contiguous()) tensors[k].copy_(contig[k]);
+    if (!tensors[k].is_same(contig[k])) tensors[k].copy_(contig[k]);
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type,
+                                                          bool per_tensor) {
+  check_norm_type(norm_type);
+  check_cuda_tensors(tensors);
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  const auto contig = contiguous_all(tensors);
+  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
+  const at::Tensor table = tables_on_device(tables, tensors[0].device());
+  return norm_impl(contig, table, tables, make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
+}
+
+void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
+  check_cuda_tensors(tensors);
+  check_total_norm(total_norm, tensors[0].device());
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  const auto contig = contiguous_all(tensors);
+  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
+  const at::Tensor table = tables_on_device(tables, tensors[0].device());
+  scale_impl(contig, table, tables, total_norm.contiguous(), max_norm);
+  copy_back(tensors, contig);
+}
+
+at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
+  check_norm_type(norm_type);
+  check_cuda_tensors(grads);
+  c10::cuda::CUDAGuard guard(grads[0].device());
+  const auto contig = contiguous_all(grads);
+  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
+  const at::Tensor table = tables_on_device(tables, grads[0].device());
+  const auto [total, per] =
+      norm_impl(contig, table, tables, make_norm_spec(norm_type), false, result_dtype(grads));
+  scale_impl(contig, table, tables, total, max_norm);
+  copy_back(grads, contig);
+  return total;
 }
 
 }  // namespace
@@ -181,6 +198,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_nor
 TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
+  m.impl("clip_grad_norm_", &clip_grad_norm_cuda);
 }
 
 }  // namespace ganops::clip_grad_norm

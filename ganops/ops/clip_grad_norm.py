@@ -76,8 +76,27 @@ def _check_grads(grads: list[torch.Tensor], name: str) -> None:
                             f"float32 and float64 gradients")
 
 
-def _grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.grad for p in parameters if p.grad is not None]
+def _grads_of(parameters) -> list[torch.Tensor]:
+    """The gradients of a tensor or an iterable of tensors, skipping those without one."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    elif not isinstance(parameters, Iterable):
+        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got "
+                        f"{type(parameters).__name__}")
+    else:
+        parameters = list(parameters)
+    # One attribute read per parameter: with thousands of parameters this loop is a large
+    # part of a call, so the per-element type check runs only if it fails.
+    grads = []
+    try:
+        for p in parameters:
+            g = p.grad
+            if g is not None:
+                grads.append(g)
+    except AttributeError:
+        _tensor_list(parameters, "parameters")
+        raise
+    return grads
 
 
 def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -154,8 +173,23 @@ def _multi_tensor_scale_triton_(tensors: list[torch.Tensor], total_norm: torch.T
     kernels.multi_tensor_scale_(tensors, total_norm, max_norm)
 
 
+@torch.library.custom_op("ganops::clip_grad_norm_triton_", mutates_args=("grads",))
+def _clip_grad_norm_triton_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    total, _ = kernels.multi_tensor_norm(grads, norm_type, False)
+    kernels.multi_tensor_scale_(grads, total, max_norm)
+    return total
+
+
+def _clip_fake(grads, max_norm, norm_type):
+    return grads[0].new_empty((), dtype=_result_dtype(grads))
+
+
 _multi_tensor_norm_triton.register_fake(_norm_fake)
 _multi_tensor_scale_triton_.register_fake(_scale_fake)
+_clip_grad_norm_triton_.register_fake(_clip_fake)
+if _ext.load():
+    torch.library.register_fake("ganops::clip_grad_norm_")(_clip_fake)
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,6 +244,67 @@ def _norms(tensors, norm_type, per_tensor, backend, foreach):
     return total, per
 
 
+# ---------------------------------------------------------------------------------------
+# Sharded gradients (DTensor, as FSDP2's fully_shard makes them)
+# ---------------------------------------------------------------------------------------
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if type(t) is torch.Tensor:  # the common case, decided without importing anything
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _dtensor_norms(grads, norm_type, backend, foreach):
+    """(total, per-tensor norms, mesh) of DTensor gradients, as plain tensors holding the
+    global values on every rank.
+
+    Each rank takes the norms of its local shards with the kernels, raises them to the p-th
+    power, and sums (max for inf) the entries of tensors sharded along a mesh dimension over
+    that dimension's process group: one all-reduce of one small vector per mesh dimension,
+    on the device, with no host synchronisation. Replicated tensors are counted once.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    mesh = grads[0].device_mesh
+    for i, g in enumerate(grads):
+        if not isinstance(g, DTensor):
+            raise TypeError(f"parameters' gradients mix DTensors and plain tensors (gradient {i} is a "
+                            f"plain tensor); shard every parameter, or none")
+        if g.device_mesh != mesh:
+            raise ValueError(f"gradient {i} lives on another device mesh than gradient 0; "
+                             f"ganops clips gradients of one mesh per call")
+        if any(pl.is_partial() for pl in g.placements):
+            raise NotImplementedError(f"gradient {i} has a Partial placement; reduce it first "
+                                      f"(FSDP2 gradients are Shard or Replicate)")
+    _, per = _norms([g.to_local() for g in grads], norm_type, True, backend, foreach)
+    inf = norm_type == math.inf
+    powers = per if inf else per.pow(norm_type)
+    for dim in range(mesh.ndim):
+        sharded = [g.placements[dim].is_shard() for g in grads]
+        if not any(sharded):
+            continue
+        mask = torch.tensor(sharded)
+        mask = mask.pin_memory().to(per.device, non_blocking=True) if per.is_cuda else mask.to(per.device)
+        partial = torch.where(mask, powers, torch.zeros_like(powers))
+        dist.all_reduce(partial, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
+                        group=mesh.get_group(dim))
+        powers = torch.where(mask, partial, powers)
+    if inf:
+        return powers.max(), powers, mesh
+    return powers.sum().pow(1.0 / norm_type), powers.pow(1.0 / norm_type), mesh
+
+
+def _replicated(total: torch.Tensor, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
     # The one host synchronisation, and only when the caller asked for the check.
     if not bool(torch.isfinite(total)):
@@ -233,13 +328,17 @@ def get_total_norm(tensors, norm_type: float | str = 2.0, error_if_nonfinite: bo
     """
     tensors = _tensor_list(tensors, "tensors")
     p = _check_norm_type(norm_type)
-    _check_grads(tensors, "tensors")
     if not tensors:
         return torch.tensor(0.0)
-    total, _ = _norms(tensors, p, False, backend, foreach)
+    if _is_dtensor(tensors[0]):
+        total, _, mesh = _dtensor_norms(tensors, p, backend, foreach)
+    else:
+        _check_grads(tensors, "tensors")
+        total, _ = _norms(tensors, p, False, backend, foreach)
+        mesh = None
     if error_if_nonfinite:
         _raise_if_nonfinite(total, p)
-    return total
+    return total if mesh is None else _replicated(total, mesh)
 
 
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
@@ -248,16 +347,23 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 
     Like torch.nn.utils.clip_grads_with_norm_; the coefficient is computed on the device.
     """
-    parameters = _tensor_list(parameters, "parameters")
+    grads = _grads_of(parameters)
     max_norm = _check_max_norm(max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a tensor, got {type(total_norm).__name__}")
-    grads = _grads_of(parameters)
-    _check_grads(grads, "parameters' gradients")
     if not grads:
         return
+    if _is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()
     if total_norm.dtype not in (torch.float32, torch.float64):
         total_norm = total_norm.float()
+    _scale_all_(grads, total_norm, max_norm, backend)
+
+
+def _scale_all_(grads, total_norm, max_norm, backend):
+    """Scales gradients (plain or DTensor, on any devices) by the clip coefficient of total_norm."""
+    grads = [_local(g) for g in grads]
+    _check_grads(grads, "parameters' gradients")
     with torch.no_grad():
         for idx in _by_device(grads).values():
             _device_scale_([grads[k] for k in idx], total_norm, max_norm, backend)
@@ -274,20 +380,35 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     ``error_if_nonfinite=True`` a NaN or infinite norm raises RuntimeError (this check is the
     only host synchronisation). ``backend`` picks the implementation (see ganops.use_backend).
     """
-    parameters = _tensor_list(parameters, "parameters")
+    grads = _grads_of(parameters)
     max_norm = _check_max_norm(max_norm)
     p = _check_norm_type(norm_type)
-    grads = _grads_of(parameters)
-    _check_grads(grads, "parameters' gradients")
     if not grads:
         return torch.tensor(0.0)
+    name = _backend.resolve(backend, grads[0].device)
+    if name != "torch" and not error_if_nonfinite and not _is_dtensor(grads[0]):
+        fused = torch.ops.ganops.clip_grad_norm_ if name == "cpp" else torch.ops.ganops.clip_grad_norm_triton_
+        try:
+            with torch.no_grad():
+                return fused(grads, max_norm, p)
+        except RuntimeError:
+            # The kernels refuse, before touching anything, gradients that are not dense
+            # floating tensors on one device. Say which, in the caller's terms; gradients on
+            # several devices take the general path below.
+            _check_grads(grads, "parameters' gradients")
+            if len(_by_device(grads)) == 1:
+                raise
     with torch.no_grad():
-        total, _ = _norms(grads, p, False, backend, foreach)
+        if _is_dtensor(grads[0]):
+            total, _, mesh = _dtensor_norms(grads, p, backend, foreach)
+        else:
+            _check_grads(grads, "parameters' gradients")
+            total, _ = _norms(grads, p, False, backend, foreach)
+            mesh = None
         if error_if_nonfinite:
             _raise_if_nonfinite(total, p)
-        for idx in _by_device(grads).values():
-            _device_scale_([grads[k] for k in idx], total, max_norm, backend)
-    return total
+        _scale_all_(grads, total, max_norm, backend)
+    return total if mesh is None else _replicated(total, mesh)
 
 
 def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False, *,
@@ -299,13 +420,15 @@ def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False
     ``norms[i]`` is the norm of the i-th parameter that has a gradient (parameters without
     ``.grad`` are skipped, as in clip_grad_norm_).
     """
-    parameters = _tensor_list(parameters, "parameters")
-    p = _check_norm_type(norm_type)
     grads = _grads_of(parameters)
-    _check_grads(grads, "parameters' gradients")
+    p = _check_norm_type(norm_type)
     if not grads:
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
     with torch.no_grad():
-        total, per = _norms(grads, p, per_tensor, backend, None)
+        if _is_dtensor(grads[0]):
+            total, per, _ = _dtensor_norms(grads, p, backend, None)
+        else:
+            _check_grads(grads, "parameters' gradients")
+            total, per = _norms(grads, p, per_tensor, backend, None)
     return (total, per) if per_tensor else total

@@ -1,0 +1,76 @@
+"""The compiled CUDA kernels: no register spills, no stack frames, no local memory.
+
+Read from the built extension with cuobjdump --dump-resource-usage (requirements.txt pins
+nvidia-cuda-cuobjdump; Triton bundles one too). No GPU is needed. `make cuda-resources`
+runs this file and prints every kernel's registers and shared memory.
+"""
+
+import glob
+import importlib.util
+import os
+import re
+import subprocess
+
+import pytest
+
+import ganops
+
+# Kernels allowed to use local memory, each with the reason. Empty: none needs it.
+ALLOWED_LOCAL_MEMORY: dict[str, str] = {}
+
+
+def _cuobjdump():
+    for package, rel in (("nvidia", "cu13/bin/cuobjdump"), ("triton", "backends/nvidia/bin/cuobjdump")):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            path = os.path.join(root, rel)
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def _extension_path():
+    return glob.glob(os.path.join(os.path.dirname(ganops.__file__), "_C*.so"))[0]
+
+
+def resource_usage():
+    """{(arch, kernel): {REG, STACK, SHARED, LOCAL, ...}} for every kernel in ganops._C."""
+    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _extension_path()],
+                         capture_output=True, text=True, check=True).stdout
+    usage, arch = {}, None
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("arch = "):
+            arch = line.split("=")[1].strip()
+        match = re.match(r"\s*Function (\S+):", line)
+        if match:
+            fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", lines[i + 1]))
+            usage[(arch, match.group(1))] = {k: int(v) for k, v in fields.items()}
+    return usage
+
+
+info = ganops.build_info()
+pytestmark = [
+    pytest.mark.skipif(not info["cuda_kernels"], reason=f"CUDA kernels not built: {info['cuda_kernels_reason']}"),
+    pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (pip install nvidia-cuda-cuobjdump)"),
+]
+
+
+def test_every_architecture_in_the_build_is_present():
+    archs = {arch for arch, _ in resource_usage()}
+    wanted = {"sm_" + a.replace("+PTX", "").replace(".", "") for a in info["cuda_arch_list"].split(";") if a}
+    assert wanted <= archs, f"built for {info['cuda_arch_list']} but the extension holds {sorted(archs)}"
+
+
+def test_no_spills_stack_or_local_memory():
+    usage = resource_usage()
+    assert usage, "cuobjdump found no kernels"
+    offenders = []
+    for (arch, kernel), res in sorted(usage.items()):
+        print(f"{arch} REG:{res.get('REG')} SHARED:{res.get('SHARED')} STACK:{res.get('STACK')} "
+              f"LOCAL:{res.get('LOCAL')} {kernel}")
+        if (res.get("STACK", 0) or res.get("LOCAL", 0)) and not any(k in kernel for k in ALLOWED_LOCAL_MEMORY):
+            offenders.append(f"{arch} {kernel}: STACK {res.get('STACK')} LOCAL {res.get('LOCAL')}")
+    assert not offenders, "kernels spilling or using local memory:\n" + "\n".join(offenders)

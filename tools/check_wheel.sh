@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs the newest dist/ganops-*.whl into clean virtual environments, away from the
+# source tree, and checks it the way a cluster user meets it:
+#   1. beside the torch it was built for: the compiled ops load and the test suite passes
+#      against the installed package;
+#   2. beside another torch: import still works, warns saying why, and falls back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wheel=$(ls -t dist/ganops-*.whl 2>/dev/null | head -n 1)
+[ -n "$wheel" ] || { echo "no dist/ganops-*.whl: run 'make wheel' first" >&2; exit 1; }
+wheel=$(realpath "$wheel")
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cp -r tests "$work/tests"
+# pytest's settings only; there is no setup.py or package source in $work.
+cp pyproject.toml "$work/"
+python_boot=${PYTHON_BOOT:-python3}
+
+echo "== $wheel beside torch 2.14.1"
+"$python_boot" -m venv "$work/venv"
+"$work/venv/bin/pip" install --quiet torch==2.14.1 triton==3.8.0 numpy pytest
+"$work/venv/bin/pip" install --quiet --no-deps "$wheel"
+cd "$work"
+venv/bin/python -m ganops
+venv/bin/python - <<'PY'
+import ganops, os, sys
+info = ganops.build_info()
+assert os.path.realpath(ganops.__file__).startswith(os.path.realpath(sys.prefix)), ganops.__file__
+assert info["extension_loaded"], info["extension_error"]
+assert "cpp" in ganops.available_backends("cpu")
+print("installed wheel loads its compiled ops:", info["version"], info["cuda_arch_list"])
+PY
+venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+echo "== $wheel beside torch 2.13.0"
+"$python_boot" -m venv "$work/venv-other"
+venv-other/bin/pip install --quiet torch==2.13.0 numpy
+venv-other/bin/pip install --quiet --no-deps "$wheel"
+venv-other/bin/python - <<'PY'
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import ganops
+messages = [str(w.message) for w in caught if "ganops" in str(w.message)]
+assert len(messages) == 1 and "built against torch" in messages[0], messages
+assert "cpp" not in ganops.available_backends("cpu")
+import torch
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.full((3,), 4.0)
+total = ganops.clip_grad_norm_([p], 1.0)
+assert abs(total.item() - 48 ** 0.5) < 1e-5
+print("beside another torch: warned and fell back:", messages[0])
+PY
+echo "wheel checks passed"
