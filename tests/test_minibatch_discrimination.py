@@ -19,15 +19,18 @@ TRITON_GRID = [(1, 5, 5), (2, 1, 1), (7, 5, 16), (7, 64, 5), (64, 5, 1)]
 TORCH_GRID = [s for s in FULL_GRID if s[0] <= 64]
 
 
-def naive_similarity(M: torch.Tensor, exclude_self: bool) -> torch.Tensor:
-    """o[i, b] = Σ_j exp(−Σ_c |M[i,b,c] − M[j,b,c]|), one row i at a time, in M's dtype."""
-    rows = []
-    for i in range(M.shape[0]):
-        K = torch.exp(-(M[i].unsqueeze(0) - M).abs().sum(-1))
+def naive_similarity(M: torch.Tensor, exclude_self: bool, rows_per_block: int = 16) -> torch.Tensor:
+    """o[i, b] = Σ_j exp(−Σ_c |M[i,b,c] − M[j,b,c]|) in M's dtype, by broadcasting over
+    blocks of rows i (bounded memory at N = 300)."""
+    N = M.shape[0]
+    blocks = []
+    for start in range(0, N, rows_per_block):
+        i = torch.arange(start, min(start + rows_per_block, N))
+        K = torch.exp(-(M[i].unsqueeze(1) - M.unsqueeze(0)).abs().sum(-1))  # (rows, N, B)
         if exclude_self:
-            K = torch.cat([K[:i], K[i + 1:]])
-        rows.append(K.sum(0))
-    return torch.stack(rows)
+            K = K * (i.unsqueeze(1) != torch.arange(N)).unsqueeze(-1).to(K.dtype)
+        blocks.append(K.sum(1))
+    return torch.cat(blocks)
 
 
 def make_M(N, B, C, dtype, device="cpu", seed=0, scale=0.4):
