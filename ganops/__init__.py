@@ -18,7 +18,9 @@ from ganops._ext import build_info
 from ganops.nn.spectral_norm import SpectralNorm, spectral_norm
 from ganops.ops.clip_grad_norm import clip_grad_norm_, clip_grads_with_norm_, get_total_norm, grad_norm
 from ganops.ops.gradient_penalty import gradient_norm_penalty, gradient_penalty, interpolate, r1_penalty
+from ganops.ops.minibatch_discrimination import minibatch_similarity
 from ganops.ops.spectral_norm import spectral_normalize
+from ganops import nn  # noqa: E402  (ganops.nn.MinibatchDiscrimination after a plain import ganops)
 
 _ext.load()
 
@@ -33,10 +35,14 @@ __all__ = [
     "get_total_norm",
     "get_backend",
     "grad_norm",
+<<<<<<< HEAD
     "gradient_norm_penalty",
     "gradient_penalty",
     "interpolate",
     "r1_penalty",
+=======
+    "minibatch_similarity",
+>>>>>>> op/minibatch_discrimination
     "set_backend",
     "spectral_norm",
     "spectral_normalize",

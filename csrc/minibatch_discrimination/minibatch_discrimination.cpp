@@ -1,0 +1,21 @@
+// Schemas of the minibatch-discrimination similarity behind ganops.minibatch_similarity.
+// The backward and double backward are ops of their own, so the backward can carry its own
+// autograd formula (ganops/ops/minibatch_discrimination.py): gradient penalties
+// differentiate through this layer twice.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(ganops, m) {
+  // o[i,b] = Σ_j exp(−Σ_c |M[i,b,c] − M[j,b,c]|) for M (N, B, C); o is (N, B) in M's dtype.
+  // exclude_self leaves the j = i term (always 1) out.
+  m.def("minibatch_similarity(Tensor M, bool exclude_self) -> Tensor");
+  // dM[i,b,c] = −Σ_j (grad[i,b] + grad[j,b]) K[i,j,b] sign(M[i,b,c] − M[j,b,c]), with the
+  // similarities K recomputed rather than stored. Same for either exclude_self.
+  m.def("minibatch_similarity_backward(Tensor grad, Tensor M) -> Tensor");
+  // The vector-Jacobian product of minibatch_similarity_backward with grad_grad_M, the
+  // gradient flowing into its output: returns (d/d grad, d/d M).
+  m.def("minibatch_similarity_double_backward(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)");
+  // Test hook, CPU only: runs the CUDA kernels' per-thread functions for every block and
+  // thread of the launch the CUDA host code would choose. Returns (times each (i, b) row was
+  // visited, o, dM, then the double backward's d/d grad and d/d M).
+  m.def("_minibatch_similarity_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, bool exclude_self) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,138 @@
+// Math and per-thread work of the minibatch-discrimination similarity, shared by the CUDA
+// kernels and the CPU test of their launch (the CPU kernels use the same formulas on a
+// lane-packed layout, see minibatch_discrimination_cpu.cpp).
+//
+// With M of shape (N, B, C), row (i, b) is the C-vector M[i, b, :]; for a pair (i, j):
+//   D[i,j,b] = Σ_c |M[i,b,c] − M[j,b,c]|,   K = exp(−D),   S[c] = sign(M[i,b,c] − M[j,b,c]).
+// forward          o[i,b]    = Σ_j K                       (j = i left out if exclude_self)
+// backward         dM[i,b,c] = −Σ_j (g[i,b] + g[j,b]) K S[c]
+// double backward  with h the gradient flowing into dM and Q = Σ_c (h[i,b,c] − h[j,b,c]) S[c]:
+//                  dg[i,b]   = −Σ_j K Q
+//                  dM[i,b,c] =  Σ_j (g[i,b] + g[j,b]) K Q S[c]
+// (sign' = 0 almost everywhere, so only K is differentiated in the double backward.) The j = i
+// term of both backward passes is zero (S = 0), so it is skipped: an infinite entry of M,
+// whose difference with itself is NaN, then does not poison its own row.
+//
+// CUDA work split: one thread per (i, b) row, kThreads threads per block over the N·B rows
+// in row-major order; the thread loops over every j and keeps the C-reduction in registers,
+// accumulating its own output row only, so no two threads write one element. Memory stays
+// O(N·B·C): neither the N×N×B×C differences nor the N×N×B similarities exist.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ganops/checks.h>
+#include <ganops/common.h>
+
+#include <cmath>
+#include <string_view>
+
+namespace ganops::minibatch_discrimination {
+
+constexpr int kThreads = 256;
+
+// sign(x), 0 for 0 and NaN; written without selects so CPU loops using it vectorise.
+template <typename Acc>
+GANOPS_HD Acc sign_of(Acc x) {
+  return static_cast<Acc>(x > Acc(0)) - static_cast<Acc>(x < Acc(0));
+}
+
+// The (i, b) row a thread of the CUDA launch owns; valid is false past the last row.
+struct RowIndex {
+  int64_t i;
+  int64_t b;
+  bool valid;
+};
+
+GANOPS_HD int64_t num_blocks(int64_t N, int64_t B) { return ceil_div(N * B, kThreads); }
+
+GANOPS_HD RowIndex thread_row(int64_t block, int tid, int64_t N, int64_t B) {
+  const int64_t flat = block * kThreads + tid;
+  return {B > 0 ? flat / B : 0, B > 0 ? flat % B : 0, flat < N * B};
+}
+
+// D[i,j,b] for rows mi = M[i,b,:] and mj = M[j,b,:], summed over c in order.
+template <typename T, typename Acc>
+GANOPS_HD Acc l1_distance(const T* mi, const T* mj, int64_t C) {
+  Acc d = Acc(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const Acc diff = static_cast<Acc>(mi[c]) - static_cast<Acc>(mj[c]);
+    d += diff < Acc(0) ? -diff : diff;
+  }
+  return d;
+}
+
+// o[i,b]. M is contiguous (N, B, C).
+template <typename T, typename Acc>
+GANOPS_HD Acc similarity_row(const T* M, int64_t N, int64_t B, int64_t C, int64_t i, int64_t b,
+                             bool exclude_self) {
+  const T* mi = M + (i * B + b) * C;
+  Acc o = Acc(0);
+  for (int64_t j = 0; j < N; ++j) {
+    if (exclude_self && j == i) continue;
+    o += ::exp(-l1_distance<T, Acc>(mi, M + (j * B + b) * C, C));
+  }
+  return o;
+}
+
+// Adds dM[i,b,:] into out (C values of this thread's own row, zero on entry).
+template <typename T, typename Acc>
+GANOPS_HD void similarity_backward_row(const T* grad, const T* M, int64_t N, int64_t B, int64_t C,
+                                       int64_t i, int64_t b, Acc* out) {
+  const T* mi = M + (i * B + b) * C;
+  const Acc gi = static_cast<Acc>(grad[i * B + b]);
+  for (int64_t j = 0; j < N; ++j) {
+    if (j == i) continue;
+    const T* mj = M + (j * B + b) * C;
+    const Acc w = -(gi + static_cast<Acc>(grad[j * B + b])) * ::exp(-l1_distance<T, Acc>(mi, mj, C));
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] += w * sign_of(static_cast<Acc>(mi[c]) - static_cast<Acc>(mj[c]));
+    }
+  }
+}
+
+// Returns dg[i,b] and adds dM[i,b,:] into out_M (zero on entry); h is the gradient flowing
+// into the backward's output, contiguous (N, B, C) like M.
+template <typename T, typename Acc>
+GANOPS_HD Acc similarity_double_backward_row(const T* h, const T* grad, const T* M, int64_t N,
+                                             int64_t B, int64_t C, int64_t i, int64_t b, Acc* out_M) {
+  const int64_t row_i = (i * B + b) * C;
+  const Acc gi = static_cast<Acc>(grad[i * B + b]);
+  Acc dg = Acc(0);
+  for (int64_t j = 0; j < N; ++j) {
+    if (j == i) continue;
+    const int64_t row_j = (j * B + b) * C;
+    Acc d = Acc(0);
+    Acc q = Acc(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const Acc diff = static_cast<Acc>(M[row_i + c]) - static_cast<Acc>(M[row_j + c]);
+      d += diff < Acc(0) ? -diff : diff;
+      q += (static_cast<Acc>(h[row_i + c]) - static_cast<Acc>(h[row_j + c])) * sign_of(diff);
+    }
+    const Acc kq = ::exp(-d) * q;
+    dg -= kq;
+    const Acc w = (gi + static_cast<Acc>(grad[j * B + b])) * kq;
+    for (int64_t c = 0; c < C; ++c) {
+      out_M[c] += w * sign_of(static_cast<Acc>(M[row_i + c]) - static_cast<Acc>(M[row_j + c]));
+    }
+  }
+  return dg;
+}
+
+// Host-side checks shared by the CPU and CUDA entry points (Python checks first, naming the
+// caller's arguments; these guard direct torch.ops calls).
+inline void check_M(const at::Tensor& M, c10::DeviceType device) {
+  check_dim(M, 3, "M");
+  check_float(M, "M");
+  TORCH_CHECK(M.device().type() == device, "M must be a ", c10::DeviceTypeName(device, true),
+              " tensor here, got ", M.device());
+  TORCH_CHECK(M.size(0) > 0, "M must hold at least one sample (N = M.size(0) >= 1), got shape ", M.sizes());
+}
+
+inline void check_like(const at::Tensor& x, std::string_view name, const at::Tensor& M, at::IntArrayRef sizes) {
+  TORCH_CHECK(x.sizes() == sizes, name, " must have shape ", sizes, ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == M.scalar_type(), name, " must have M's dtype ", M.scalar_type(), ", got ",
+              x.scalar_type());
+  check_same_device(x, name, M, "M");
+}
+
+}  // namespace ganops::minibatch_discrimination

@@ -1,0 +1,123 @@
+// CUDA kernels of the minibatch-discrimination similarity.
+//
+// One launch per pass, one thread per (i, b) row (minibatch_discrimination.h): the thread
+// loops over every j, reduces over c in registers and accumulates only its own output row,
+// so the sums are deterministic and nothing of size N×N is ever stored. The backward passes
+// accumulate their C-vectors in a zeroed buffer of the accumulation type (float for half
+// types), cast to M's dtype at the end. Indices are 64-bit.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <ganops/checks.h>
+#include <ganops/dispatch.h>
+
+#include "minibatch_discrimination/minibatch_discrimination.h"
+
+namespace ganops::minibatch_discrimination {
+namespace {
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    similarity_kernel(const T* M, int64_t N, int64_t B, int64_t C, bool exclude_self, T* out) {
+  const RowIndex r = thread_row(blockIdx.x, threadIdx.x, N, B);
+  if (!r.valid) return;
+  out[r.i * B + r.b] = static_cast<T>(similarity_row<T, Acc>(M, N, B, C, r.i, r.b, exclude_self));
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    similarity_backward_kernel(const T* grad, const T* M, int64_t N, int64_t B, int64_t C, Acc* dM) {
+  const RowIndex r = thread_row(blockIdx.x, threadIdx.x, N, B);
+  if (!r.valid) return;
+  similarity_backward_row<T, Acc>(grad, M, N, B, C, r.i, r.b, dM + (r.i * B + r.b) * C);
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    similarity_double_backward_kernel(const T* h, const T* grad, const T* M, int64_t N, int64_t B, int64_t C,
+                                      T* d_grad, Acc* d_M) {
+  const RowIndex r = thread_row(blockIdx.x, threadIdx.x, N, B);
+  if (!r.valid) return;
+  const int64_t row = r.i * B + r.b;
+  d_grad[row] = static_cast<T>(similarity_double_backward_row<T, Acc>(h, grad, M, N, B, C, r.i, r.b, d_M + row * C));
+}
+
+template <typename Acc>
+at::TensorOptions acc_options(const at::Tensor& M) {
+  return M.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+}
+
+at::Tensor similarity_cuda(const at::Tensor& M_in, bool exclude_self) {
+  check_M(M_in, c10::DeviceType::CUDA);
+  c10::cuda::CUDAGuard guard(M_in.device());
+  const at::Tensor M = M_in.contiguous();
+  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
+  at::Tensor out = at::empty({N, B}, M.options());
+  if (N * B == 0) return out;
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cuda", [&] {
+    similarity_kernel<scalar_t, acc_t<scalar_t>><<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        M.const_data_ptr<scalar_t>(), N, B, C, exclude_self, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor& M_in) {
+  check_M(M_in, c10::DeviceType::CUDA);
+  check_like(grad_in, "grad", M_in, {M_in.size(0), M_in.size(1)});
+  c10::cuda::CUDAGuard guard(M_in.device());
+  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous();
+  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
+  at::Tensor out;
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cuda", [&] {
+    using Acc = acc_t<scalar_t>;
+    at::Tensor dM = at::zeros({N, B, C}, acc_options<Acc>(M));
+    if (N * B > 0) {
+      similarity_backward_kernel<scalar_t, Acc><<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C, dM.data_ptr<Acc>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    out = dM.to(M.scalar_type());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cuda(const at::Tensor& h_in, const at::Tensor& grad_in,
+                                                                   const at::Tensor& M_in) {
+  check_M(M_in, c10::DeviceType::CUDA);
+  check_like(grad_in, "grad", M_in, {M_in.size(0), M_in.size(1)});
+  check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
+  c10::cuda::CUDAGuard guard(M_in.device());
+  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
+  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
+  at::Tensor d_grad = at::empty({N, B}, M.options());
+  at::Tensor d_M;
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cuda", [&] {
+    using Acc = acc_t<scalar_t>;
+    at::Tensor acc = at::zeros({N, B, C}, acc_options<Acc>(M));
+    if (N * B > 0) {
+      similarity_double_backward_kernel<scalar_t, Acc>
+          <<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              h.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C,
+              d_grad.data_ptr<scalar_t>(), acc.data_ptr<Acc>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    d_M = acc.to(M.scalar_type());
+  });
+  return {d_grad, d_M};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
+  m.impl("minibatch_similarity", &similarity_cuda);
+  m.impl("minibatch_similarity_backward", &similarity_backward_cuda);
+  m.impl("minibatch_similarity_double_backward", &similarity_double_backward_cuda);
+}
+
+}  // namespace ganops::minibatch_discrimination

@@ -1,0 +1,343 @@
+"""ganops.minibatch_similarity and ganops.nn.MinibatchDiscrimination against a naive
+float64 reference written here, independent of the package's own."""
+
+import itertools
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import ganops
+from tests.conftest import assert_within_reference_error, backend_params, requires_cuda, tol
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+FULL_GRID = list(itertools.product((1, 2, 7, 64, 300), (1, 5, 64), (1, 5, 16)))
+# Interpreted Triton runs the j loop in Python: a subset that still covers N = 1, several
+# programs per launch (N·B > 64), partial tiles, and C = 1 and 16.
+TRITON_GRID = [(1, 5, 5), (2, 1, 1), (7, 5, 16), (7, 64, 5), (64, 5, 1)]
+# The torch backend holds N×N×B×C differences; N = 300 would take ~1 GB at float64.
+TORCH_GRID = [s for s in FULL_GRID if s[0] <= 64]
+
+
+def naive_similarity(M: torch.Tensor, exclude_self: bool, rows_per_block: int = 16) -> torch.Tensor:
+    """o[i, b] = Σ_j exp(−Σ_c |M[i,b,c] − M[j,b,c]|) in M's dtype, by broadcasting over
+    blocks of rows i (bounded memory at N = 300)."""
+    N = M.shape[0]
+    blocks = []
+    for start in range(0, N, rows_per_block):
+        i = torch.arange(start, min(start + rows_per_block, N))
+        K = torch.exp(-(M[i].unsqueeze(1) - M.unsqueeze(0)).abs().sum(-1))  # (rows, N, B)
+        if exclude_self:
+            K = K * (i.unsqueeze(1) != torch.arange(N)).unsqueeze(-1).to(K.dtype)
+        blocks.append(K.sum(1))
+    return torch.cat(blocks)
+
+
+def make_M(N, B, C, dtype, device="cpu", seed=0, scale=0.4):
+    """Entries ~ N(0, scale²): the similarities spread over (0, 1) instead of all vanishing."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, B, C, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+
+def values_and_grad(fn, M, g):
+    """(o, dM) with dM the gradient of Σ o·g."""
+    M = M.detach().requires_grad_()
+    o = fn(M)
+    (dM,) = torch.autograd.grad(o, M, g)
+    return o.detach(), dM
+
+
+def assert_close_normwise(actual, exact, dtype):
+    """Within the dtype's rtol of the largest |exact| entry, elementwise: dM sums terms of
+    both signs, so an entry can cancel to far below the terms' rounding error (plain float32
+    PyTorch misses an elementwise 1e-5 there too)."""
+    exact = exact.double()
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    t = tol(dtype)
+    torch.testing.assert_close(actual.cpu().double(), exact, rtol=t["rtol"], atol=t["atol"] + t["rtol"] * scale)
+
+
+def grid_for(backend):
+    return {"cpp": FULL_GRID, "triton": TRITON_GRID, "torch": TORCH_GRID}[backend]
+
+
+def _check_values(device, backend, dtype, N, B, C, exclude_self):
+    M = make_M(N, B, C, dtype, device, seed=N * 100 + B * 10 + C)
+    g = torch.randn(N, B, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    o, dM = values_and_grad(lambda x: ganops.minibatch_similarity(x, exclude_self=exclude_self, backend=backend),
+                            M, g)
+    assert o.shape == (N, B) and o.dtype == dtype and dM.shape == (N, B, C) and dM.dtype == dtype
+    o_exact, dM_exact = values_and_grad(lambda x: naive_similarity(x, exclude_self), M.cpu().double(), g.cpu().double())
+    if dtype in (torch.float64, torch.float32):
+        assert_close_normwise(o, o_exact, dtype)
+        assert_close_normwise(dM, dM_exact, dtype)
+    else:
+        o_low, dM_low = values_and_grad(lambda x: naive_similarity(x, exclude_self), M.cpu(), g.cpu())
+        assert_within_reference_error(o.cpu(), o_low, o_exact, dtype)
+        assert_within_reference_error(dM.cpu(), dM_low, dM_exact, dtype)
+
+
+def _backend_shape_params():
+    """(device, backend, N, B, C) over each backend's grid, keeping backend_params' skips."""
+    params = []
+    for p in backend_params():
+        device, backend = p.values
+        for N, B, C in grid_for(backend):
+            params.append(pytest.param(device, backend, N, B, C, marks=p.marks, id=f"{p.id}-{N}x{B}x{C}"))
+    return params
+
+
+@pytest.mark.parametrize("device,backend,N,B,C", _backend_shape_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_values_and_gradients(device, backend, N, B, C, dtype):
+    _check_values(device, backend, dtype, N, B, C, exclude_self=True)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float16), ids=str)
+@pytest.mark.parametrize("N,B,C", [(1, 3, 2), (7, 5, 16), (64, 5, 5)])
+def test_keep_self(device, backend, dtype, N, B, C):
+    _check_values(device, backend, dtype, N, B, C, exclude_self=False)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_non_contiguous_inputs(device, backend):
+    N, B, C = 9, 6, 5
+    base = make_M(C, N, 2 * B, torch.float64, device)
+    M = base.permute(1, 2, 0)[:, ::2]  # (N, B, C), no dimension contiguous
+    assert not M.is_contiguous()
+    g = torch.randn(N, 1, dtype=torch.float64, device=device).expand(N, B)  # stride 0
+    o, dM = values_and_grad(lambda x: ganops.minibatch_similarity(x, backend=backend), M, g)
+    o_exact, dM_exact = values_and_grad(lambda x: naive_similarity(x, True), M.cpu().contiguous(), g.cpu())
+    torch.testing.assert_close(o.cpu(), o_exact, **tol(torch.float64))
+    torch.testing.assert_close(dM.cpu(), dM_exact, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("exclude_self", (True, False))
+@pytest.mark.parametrize("N,B,C", [(1, 2, 3), (6, 3, 4)])
+def test_gradcheck_and_gradgradcheck(device, backend, exclude_self, N, B, C):
+    # Distinct entries keep every difference away from the kink of |x| at 0.
+    M = make_M(N, B, C, torch.float64, device, seed=3, scale=0.5).requires_grad_()
+
+    def fn(x):
+        return ganops.minibatch_similarity(x, exclude_self=exclude_self, backend=backend)
+
+    assert gradcheck(fn, (M,))
+    assert gradgradcheck(fn, (M,))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_double_backward_matches_reference(device, backend):
+    """The second-order terms a gradient penalty needs, against autograd through the naive reference."""
+    N, B, C = 11, 4, 5
+    M = make_M(N, B, C, torch.float64, device, seed=5)
+    g = torch.randn(N, B, dtype=torch.float64, device=device)
+    h = torch.randn(N, B, C, dtype=torch.float64, device=device)
+
+    def second_order(fn, M, g):
+        M = M.detach().requires_grad_()
+        g = g.detach().requires_grad_()
+        (dM,) = torch.autograd.grad(fn(M), M, g, create_graph=True)
+        return torch.autograd.grad(dM, (g, M), h.to(M.device))
+
+    got = second_order(lambda x: ganops.minibatch_similarity(x, backend=backend), M, g)
+    want = second_order(lambda x: naive_similarity(x, True), M.cpu(), g.cpu())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, **tol(torch.float64))
+
+
+class _Critic(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.features = torch.nn.Linear(6, 8)
+        self.mbd = ganops.nn.MinibatchDiscrimination(8, 5, 3, backend=backend)
+        self.head = torch.nn.Linear(13, 1)
+
+    def forward(self, x):
+        return self.head(self.mbd(torch.tanh(self.features(x))))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_r1_penalty_through_critic(device, backend):
+    """R1 (‖∇ₓD(x)‖²) differentiates through the layer twice; the critic's parameter
+    gradients match the same critic on the naive-equivalent torch backend."""
+    torch.manual_seed(0)
+    critics = {}
+    for name in (backend, "torch"):
+        torch.manual_seed(0)
+        critics[name] = _Critic(name).to(device, torch.float64)
+        critics[name].mbd.T.data.mul_(0.3)
+    x = torch.randn(10, 6, dtype=torch.float64, device=device)
+    grads = {}
+    for name, critic in critics.items():
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(critic(xr).sum(), xr, create_graph=True)
+        penalty = gx.pow(2).sum()
+        grads[name] = torch.autograd.grad(penalty, list(critic.parameters()), materialize_grads=True)
+    for a, b in zip(grads[backend], grads["torch"]):
+        torch.testing.assert_close(a, b, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_module(device, backend):
+    torch.manual_seed(0)
+    layer = ganops.nn.MinibatchDiscrimination(12, 7, 4, backend=backend).to(device, torch.float64)
+    assert layer.T.shape == (12, 7, 4)
+    x = torch.randn(9, 12, dtype=torch.float64, device=device, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (9, 12 + 7)
+    torch.testing.assert_close(out[:, :12], x)
+    T = layer.T.detach().cpu().requires_grad_()
+    xc = x.detach().cpu().requires_grad_()
+    want = torch.cat([xc, naive_similarity((xc @ T.reshape(12, -1)).view(9, 7, 4), True)], 1)
+    torch.testing.assert_close(out.detach().cpu(), want.detach(), **tol(torch.float64))
+    w = torch.randn_like(want)
+    out.backward(w.to(device))
+    dT, dx = torch.autograd.grad(want, (T, xc), w)
+    torch.testing.assert_close(layer.T.grad.cpu(), dT, **tol(torch.float64))
+    torch.testing.assert_close(x.grad.cpu(), dx, **tol(torch.float64))
+
+
+def test_module_init_and_errors():
+    torch.manual_seed(0)
+    layer = ganops.nn.MinibatchDiscrimination(64, 32, 16)
+    # T ~ N(0, 1), as torchgan initialises it.
+    assert abs(layer.T.mean().item()) < 0.05 and abs(layer.T.std().item() - 1) < 0.05
+    with pytest.raises(ValueError, match="x must have shape"):
+        layer(torch.randn(3, 63))
+    with pytest.raises(ValueError, match="kernel_dims"):
+        ganops.nn.MinibatchDiscrimination(4, 4, 0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_single_sample(device, backend):
+    M = make_M(1, 4, 3, torch.float32, device)
+    assert torch.equal(ganops.minibatch_similarity(M, backend=backend).cpu(), torch.zeros(1, 4))
+    assert torch.equal(ganops.minibatch_similarity(M, exclude_self=False, backend=backend).cpu(), torch.ones(1, 4))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_nan_propagates(device, backend):
+    M = make_M(5, 3, 4, torch.float32, device)
+    M[2, 1, 0] = float("nan")
+    o = ganops.minibatch_similarity(M, backend=backend).cpu()
+    # Every sample is compared with sample 2 in kernel 1, and only there.
+    assert o[:, 1].isnan().all()
+    assert not o[:, [0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_bad_input(device, backend):
+    f = ganops.minibatch_similarity
+    with pytest.raises(ValueError, match="M must be 3-D"):
+        f(torch.randn(4, 5, device=device), backend=backend)
+    with pytest.raises(ValueError, match="at least one sample"):
+        f(torch.randn(0, 5, 3, device=device), backend=backend)
+    with pytest.raises(TypeError, match="M has dtype"):
+        f(torch.ones(4, 5, 3, dtype=torch.int64, device=device), backend=backend)
+    with pytest.raises(TypeError, match="M must be a tensor"):
+        f([[[1.0]]], backend=backend)
+    with pytest.raises(TypeError, match="exclude_self must be a bool"):
+        f(torch.randn(4, 5, 3, device=device), exclude_self=1, backend=backend)
+
+
+def test_compiled_ops_check_their_inputs():
+    """Direct torch.ops calls, which skip the Python checks, get errors naming the argument."""
+    ops = torch.ops.ganops
+    with pytest.raises(RuntimeError, match="M must be 3-D"):
+        ops.minibatch_similarity(torch.randn(4, 5), True)
+    with pytest.raises(RuntimeError, match="at least one sample"):
+        ops.minibatch_similarity(torch.randn(0, 5, 3), True)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        ops.minibatch_similarity_backward(torch.randn(4, 4), torch.randn(4, 5, 3))
+    with pytest.raises(RuntimeError, match="grad must have M's dtype"):
+        ops.minibatch_similarity_backward(torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, 3))
+    with pytest.raises(RuntimeError, match="grad_grad_M must have shape"):
+        ops.minibatch_similarity_double_backward(torch.randn(4, 5, 2), torch.randn(4, 5), torch.randn(4, 5, 3))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16), ids=str)
+def test_cpu_deterministic_across_thread_counts(dtype):
+    M = make_M(70, 37, 6, dtype)
+    g = torch.randn(70, 37).to(dtype)
+    h = torch.randn(70, 37, 6).to(dtype)
+    ops = torch.ops.ganops
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((ops.minibatch_similarity(M, True), ops.minibatch_similarity_backward(g, M),
+                            *ops.minibatch_similarity_double_backward(h, g, M)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("N,B,C", [(1, 1, 1), (3, 5, 2), (300, 1, 3), (33, 17, 16), (9, 64, 5)])
+def test_cuda_launch_check(N, B, C):
+    """The CUDA kernels' per-thread functions, run on the CPU for every (block, thread) of
+    the launch the CUDA host code chooses: each (i, b) row exactly once, right values."""
+    M = make_M(N, B, C, torch.float64)
+    g = torch.randn(N, B, dtype=torch.float64)
+    h = torch.randn(N, B, C, dtype=torch.float64)
+    coverage, o, dM, dg, dM2 = torch.ops.ganops._minibatch_similarity_cuda_launch_check(M, g, h, True)
+    assert torch.equal(coverage, torch.ones(N, B, dtype=torch.int32))
+    o_exact, dM_exact = values_and_grad(lambda x: naive_similarity(x, True), M, g)
+    torch.testing.assert_close(o, o_exact, **tol(torch.float64))
+    torch.testing.assert_close(dM, dM_exact, **tol(torch.float64))
+    Mr, gr = M.clone().requires_grad_(), g.clone().requires_grad_()
+    (first,) = torch.autograd.grad(naive_similarity(Mr, True), Mr, gr, create_graph=True)
+    dg_exact, dM2_exact = torch.autograd.grad(first, (gr, Mr), h)
+    torch.testing.assert_close(dg, dg_exact, **tol(torch.float64))
+    torch.testing.assert_close(dM2, dM2_exact, **tol(torch.float64))
+
+
+def _op_samples(device):
+    M = make_M(6, 5, 3, torch.float32, device)
+    g = torch.randn(6, 5, device=device)
+    h = torch.randn(6, 5, 3, device=device)
+    return M, g, h
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params() if p.values[1] != "torch"])
+def test_opcheck(device, backend):
+    suffix = "" if backend == "cpp" else "_triton"
+    ops = torch.ops.ganops
+    M, g, h = _op_samples(device)
+    Mg = M.clone().requires_grad_()
+    gg = g.clone().requires_grad_()
+    torch.library.opcheck(getattr(ops, f"minibatch_similarity{suffix}"), (Mg, True))
+    torch.library.opcheck(getattr(ops, f"minibatch_similarity{suffix}"), (M, False))
+    torch.library.opcheck(getattr(ops, f"minibatch_similarity_backward{suffix}"), (gg, Mg))
+    # The double backward is not differentiable again: checked without inputs requiring grad.
+    torch.library.opcheck(getattr(ops, f"minibatch_similarity_double_backward{suffix}"), (h, g, M))
+
+
+def _compiled_fwd_bwd(device, backend):
+    M = make_M(20, 7, 4, torch.float32, device)
+    g = torch.randn(20, 7, device=device)
+
+    def step(M):
+        return ganops.minibatch_similarity(M, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = values_and_grad(compiled, M, g)
+    want = values_and_grad(lambda x: naive_similarity(x, True), M.cpu().double(), g.cpu().double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), b, **tol(torch.float32))
+
+
+def test_torch_compile_cpp_cpu():
+    torch._dynamo.reset()
+    _compiled_fwd_bwd("cpu", "cpp")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ("cpp", "triton"))
+def test_torch_compile_cuda(backend):
+    torch._dynamo.reset()
+    _compiled_fwd_bwd("cuda", backend)
