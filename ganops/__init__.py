@@ -35,14 +35,12 @@ __all__ = [
     "get_total_norm",
     "get_backend",
     "grad_norm",
-<<<<<<< HEAD
     "gradient_norm_penalty",
     "gradient_penalty",
     "interpolate",
-    "r1_penalty",
-=======
     "minibatch_similarity",
->>>>>>> op/minibatch_discrimination
+    "nn",
+    "r1_penalty",
     "set_backend",
     "spectral_norm",
     "spectral_normalize",
