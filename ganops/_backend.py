@@ -74,8 +74,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_triton_found: bool | None = None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # find_spec walks sys.path (~60 us): once per process is enough.
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
 def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
