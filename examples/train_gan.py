@@ -107,8 +107,8 @@ def conv_pair(z_dim: int):
 
 
 CONFIGS = {
-    # z_dim, batch, critic steps per generator step, lr (critic, generator), penalty weight
-    "ring8": dict(pair=mlp_pair, data=Ring8, z_dim=8, batch=256, n_critic=2, lr_d=4e-4, lr_g=1e-4),
+    # z_dim, batch, critic steps per generator step, learning rates (critic, generator)
+    "ring8": dict(pair=mlp_pair, data=Ring8, z_dim=8, batch=128, n_critic=2, lr_d=4e-4, lr_g=1e-4),
     "digits": dict(pair=conv_pair, data=Digits, z_dim=32, batch=64, n_critic=2, lr_d=4e-4, lr_g=1e-4),
 }
 

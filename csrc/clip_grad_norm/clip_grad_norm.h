@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ganops/block.h>
 #include <ganops/checks.h>
 #include <ganops/common.h>
 
@@ -73,13 +74,6 @@ GANOPS_HD Acc clip_coefficient(Acc total_norm, double max_norm) {
   return coef > Acc(1) ? Acc(1) : coef;
 }
 
-// Elements of a chunk that thread `tid` of `nthreads` visits: tid, tid + nthreads, ...
-// Consecutive threads touch consecutive elements, so global loads coalesce.
-template <typename F>
-GANOPS_HD void for_each_thread_element(int64_t chunk_len, int tid, int nthreads, F&& f) {
-  for (int64_t i = tid; i < chunk_len; i += nthreads) f(i);
-}
-
 // The partial one thread makes from its elements of a chunk.
 template <typename T, typename Acc>
 GANOPS_HD Acc thread_partial(const T* chunk, int64_t chunk_len, int tid, int nthreads,
@@ -90,12 +84,12 @@ GANOPS_HD Acc thread_partial(const T* chunk, int64_t chunk_len, int tid, int nth
   return acc;
 }
 
-// The block reduction's order, shared so the CPU check follows the kernel exactly:
-// at each step thread t < stride takes in thread t + stride's value.
-template <typename Acc>
-GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride, NormSpec s) {
-  if (tid < stride) values[tid] = norm_combine(values[tid], values[tid + stride], s);
-}
+// norm_combine as a function object, for ganops::block_reduce and its CPU emulation.
+struct NormCombine {
+  NormSpec s;
+  template <typename Acc>
+  GANOPS_HD Acc operator()(Acc a, Acc b) const { return norm_combine(a, b, s); }
+};
 
 // Device-side tables, one int64 buffer: for each of n tensors its data pointer, first chunk
 // and chunk count; then for each chunk its tensor, element offset and length.

@@ -199,10 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_check_impl(const std::vect
           for_each_thread_element(view.chunk_len[c], tid, kThreads,
                                   [&](int64_t i) { ++visits[base[k] + view.chunk_offset[c] + i]; });
         }
-        for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-          for (int tid = 0; tid < kThreads; ++tid) tree_reduce_step(block.data(), tid, stride, s);
-        }
-        partials[c] = static_cast<Out>(block[0]);
+        partials[c] = static_cast<Out>(emulate_block_reduce(block.data(), kThreads, NormCombine{s}));
       });
     }
   }
@@ -211,11 +208,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_check_impl(const std::vect
   for (int tid = 0; tid < kThreads; ++tid) {
     block[tid] = finish_thread<Out>(view, partials.data(), n, tid, kThreads, per.data_ptr<Out>(), s);
   }
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    for (int tid = 0; tid < kThreads; ++tid) tree_reduce_step(block.data(), tid, stride, s);
-  }
+  const Out combined = emulate_block_reduce(block.data(), kThreads, NormCombine{s});
   at::Tensor total = at::empty({}, at::TensorOptions().dtype(out_dtype));
-  total.data_ptr<Out>()[0] = norm_finish(block[0], s);
+  total.data_ptr<Out>()[0] = norm_finish(combined, s);
   return {coverage, per, total};
 }
 

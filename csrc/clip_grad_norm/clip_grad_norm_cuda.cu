@@ -20,18 +20,6 @@
 namespace ganops::clip_grad_norm {
 namespace {
 
-template <typename Acc>
-__device__ Acc block_reduce(Acc value, NormSpec s) {
-  __shared__ Acc values[kThreads];
-  values[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    tree_reduce_step(values, threadIdx.x, stride, s);
-    __syncthreads();
-  }
-  return values[0];
-}
-
 template <typename T, typename Out>
 __global__ void __launch_bounds__(kThreads)
     chunk_partial_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks,
@@ -41,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = first_chunk + blockIdx.x;
   const T* chunk = reinterpret_cast<const T*>(view.ptrs[view.chunk_tensor[c]]) + view.chunk_offset[c];
   const Acc partial = thread_partial<T, Acc>(chunk, view.chunk_len[c], threadIdx.x, kThreads, s);
-  const Acc block = block_reduce(partial, s);
+  const Acc block = block_reduce<kThreads>(partial, NormCombine{s});
   if (threadIdx.x == 0) partials[c] = static_cast<Out>(block);
 }
 
@@ -51,7 +39,7 @@ __global__ void __launch_bounds__(kThreads)
                   Out* per_tensor, Out* total, NormSpec s) {
   const TableView view = table_view(table, n_tensors, n_chunks);
   const Out local = finish_thread<Out>(view, partials, n_tensors, threadIdx.x, kThreads, per_tensor, s);
-  const Out block = block_reduce(local, s);
+  const Out block = block_reduce<kThreads>(local, NormCombine{s});
   if (threadIdx.x == 0) *total = norm_finish(block, s);
 }
 

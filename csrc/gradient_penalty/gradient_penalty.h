@@ -14,6 +14,9 @@
 //   backward:     ∂P/∂grads[i] = ∂P · weight / N · h'(n_i) / n_i · s² · grads[i]
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ganops/block.h>
+#include <ganops/checks.h>
 #include <ganops/common.h>
 
 #include <cmath>
@@ -33,26 +36,12 @@ GANOPS_HD int64_t chunk_length(int64_t m, int64_t c) {
   return rest < kChunkSize ? rest : kChunkSize;
 }
 
-// Elements of a chunk that thread `tid` of `nthreads` visits: tid, tid + nthreads, ...
-// Consecutive threads touch consecutive elements, so global loads coalesce.
-template <typename F>
-GANOPS_HD void for_each_thread_element(int64_t chunk_len, int tid, int nthreads, F&& f) {
-  for (int64_t i = tid; i < chunk_len; i += nthreads) f(i);
-}
-
 // The sum one thread makes of term(i) over its elements of a chunk.
 template <typename Acc, typename Term>
 GANOPS_HD Acc thread_sum(int64_t chunk_len, int tid, int nthreads, Term&& term) {
   Acc acc = Acc(0);
   for_each_thread_element(chunk_len, tid, nthreads, [&](int64_t i) { acc += term(i); });
   return acc;
-}
-
-// The block reduction's order, shared so the CPU check follows the kernel exactly:
-// at each step thread t < stride adds in thread t + stride's value.
-template <typename Acc>
-GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride) {
-  if (tid < stride) values[tid] += values[tid + stride];
 }
 
 // One sample's total from its chunk partials, in chunk order.
@@ -132,6 +121,15 @@ GANOPS_HD Acc finish_thread(const Acc* partials, int64_t n_samples, int64_t n_ch
     local += penalty_term(ss, center, one_sided);
   }
   return local;
+}
+
+// Host side, shared by the CPU and CUDA kernels: alpha holds one value per sample of real.
+inline void check_alpha(const at::Tensor& alpha, const at::Tensor& real) {
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
+              ",), got ", alpha.sizes());
+  TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
+              ", got ", alpha.scalar_type());
+  check_same_device(alpha, "alpha", real, "real");
 }
 
 }  // namespace ganops::gradient_penalty

@@ -79,22 +79,6 @@ void check_samples(const at::Tensor& t, std::string_view name) {
               " must have a batch dimension and at least one element per sample, got shape ", t.sizes());
 }
 
-void check_same(const at::Tensor& a, std::string_view a_name, const at::Tensor& b, std::string_view b_name) {
-  TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  check_same_device(a, a_name, b, b_name);
-}
-
-void check_alpha(const at::Tensor& alpha, const at::Tensor& real) {
-  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
-              ",), got ", alpha.sizes());
-  TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
-              ", got ", alpha.scalar_type());
-  check_same_device(alpha, "alpha", real, "real");
-}
-
 // The inverse loss scale as a host value (a CPU tensor: reading it costs no synchronisation).
 template <typename Acc>
 Acc inv_scale_value(const std::optional<at::Tensor>& inv_scale, const at::Tensor& grads) {
@@ -109,7 +93,7 @@ Acc inv_scale_value(const std::optional<at::Tensor>& inv_scale, const at::Tensor
 
 at::Tensor interpolate_cpu(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
   check_samples(real, "real");
-  check_same(real, "real", fake, "fake");
+  check_like(real, "real", fake, "fake");
   check_alpha(alpha, real);
   const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor out = at::empty_like(r);
@@ -135,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cpu(const at
                                                                          const at::Tensor& alpha, bool need_real,
                                                                          bool need_fake, bool need_alpha) {
   check_samples(real, "real");
-  check_same(real, "real", fake, "fake");
-  check_same(grad, "grad", real, "real");
+  check_like(real, "real", fake, "fake");
+  check_like(grad, "grad", real, "real");
   check_alpha(alpha, real);
   const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor grad_real = need_real ? at::empty_like(g) : g.new_empty({0});
@@ -256,12 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_check_impl(con
   const scalar_t* fp = f.const_data_ptr<scalar_t>();
   std::vector<Acc> sq_partials(s.tasks()), alpha_partials(s.tasks());
   std::vector<Acc> block(kThreads);
-  auto tree_reduce = [&] {
-    for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-      for (int tid = 0; tid < kThreads; ++tid) tree_reduce_step(block.data(), tid, stride);
-    }
-    return block[0];
-  };
+  auto tree_reduce = [&] { return emulate_block_reduce(block.data(), kThreads, Plus{}); };
   for (int64_t b = 0; b < s.tasks(); ++b) {
     const int64_t o = s.offset(b), n = s.length(b);
     for (int tid = 0; tid < kThreads; ++tid) {
@@ -296,8 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_launch_check(con
                                                                              const at::Tensor& fake, double center,
                                                                              bool one_sided, double weight) {
   check_samples(grads, "grads");
-  check_same(grads, "grads", real, "real");
-  check_same(grads, "grads", fake, "fake");
+  check_like(grads, "grads", real, "real");
+  check_like(grads, "grads", fake, "fake");
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   GANOPS_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_penalty_launch_check", [&] {
     out = launch_check_impl<scalar_t>(grads.contiguous(), real.contiguous(), fake.contiguous(), center, one_sided,

@@ -21,16 +21,10 @@
 namespace ganops::gradient_penalty {
 namespace {
 
+// A sum over the block (ganops/block.h's tree order).
 template <typename Acc>
-__device__ Acc block_reduce(Acc value) {
-  __shared__ Acc values[kThreads];
-  values[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    tree_reduce_step(values, threadIdx.x, stride);
-    __syncthreads();
-  }
-  return values[0];
+__device__ Acc block_sum(Acc value) {
+  return block_reduce<kThreads>(value, Plus{});
 }
 
 // The block's sample, its chunk's first element and the chunk's length.
@@ -78,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t e = bc.offset + j;
       return alpha_grad_term(static_cast<Acc>(grad[e]), static_cast<Acc>(real[e]), static_cast<Acc>(fake[e]));
     });
-    const Acc total = block_reduce(partial);
+    const Acc total = block_sum(partial);
     if (threadIdx.x == 0) alpha_partials[blockIdx.x] = total;
   }
 }
@@ -100,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   const Acc partial = thread_sum<Acc>(bc.length, threadIdx.x, kThreads, [&](int64_t j) {
     return unscaled_square(static_cast<Acc>(grads[bc.offset + j]), s);
   });
-  const Acc total = block_reduce(partial);
+  const Acc total = block_sum(partial);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
@@ -111,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
   using Acc = acc_t<T>;
   const Acc local =
       finish_thread<Acc>(partials, n_samples, n_chunks, threadIdx.x, kThreads, Acc(center), one_sided, sumsq);
-  const Acc total = block_reduce(local);
+  const Acc total = block_sum(local);
   if (threadIdx.x == 0) *penalty = static_cast<T>(penalty_value(total, Acc(weight), n_samples));
 }
 
@@ -150,22 +144,6 @@ Split split_of(const at::Tensor& t, std::string_view name) {
   return {n, m, chunks_per_sample(m)};
 }
 
-void check_same(const at::Tensor& a, std::string_view a_name, const at::Tensor& b, std::string_view b_name) {
-  TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  check_same_device(a, a_name, b, b_name);
-}
-
-void check_alpha(const at::Tensor& alpha, const at::Tensor& real) {
-  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
-              ",), got ", alpha.sizes());
-  TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
-              ", got ", alpha.scalar_type());
-  check_same_device(alpha, "alpha", real, "real");
-}
-
 // The inverse scale on the device, or an undefined tensor without one.
 at::Tensor inv_scale_tensor(const std::optional<at::Tensor>& inv_scale, const at::Tensor& grads) {
   if (!inv_scale.has_value()) return at::Tensor();
@@ -179,7 +157,7 @@ at::Tensor inv_scale_tensor(const std::optional<at::Tensor>& inv_scale, const at
 
 at::Tensor interpolate_cuda(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
   const Split s = split_of(real, "real");
-  check_same(real, "real", fake, "fake");
+  check_like(real, "real", fake, "fake");
   check_alpha(alpha, real);
   c10::cuda::CUDAGuard guard(real.device());
   const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
@@ -200,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cuda(const a
                                                                           const at::Tensor& alpha, bool need_real,
                                                                           bool need_fake, bool need_alpha) {
   const Split s = split_of(real, "real");
-  check_same(real, "real", fake, "fake");
-  check_same(grad, "grad", real, "real");
+  check_like(real, "real", fake, "fake");
+  check_like(grad, "grad", real, "real");
   check_alpha(alpha, real);
   c10::cuda::CUDAGuard guard(real.device());
   const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();

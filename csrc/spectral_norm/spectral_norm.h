@@ -22,6 +22,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ganops/checks.h>
+#include <ganops/block.h>
 #include <ganops/common.h>
 
 namespace ganops::spectral_norm {
@@ -156,13 +157,6 @@ template <typename T, typename Acc>
 GANOPS_HD T grad_weight_element(const T* g, const T* u, const T* v, MatrixShape s, int64_t k,
                                 Acc inv_sigma, Acc coef) {
   return static_cast<T>(Acc(g[k]) * inv_sigma - coef * Acc(u[s.row_of(k)]) * Acc(v[s.col_of(k)]));
-}
-
-// The block reduction's order (shared with the CPU launch check): at each step thread
-// t < stride takes in thread t + stride's value.
-template <typename Acc>
-GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride) {
-  if (tid < stride) values[tid] += values[tid + stride];
 }
 
 // Host side: the matrix view of a contiguous weight, and the checks every backend's

@@ -359,11 +359,8 @@ at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optiona
 
 // Emulates the CUDA launches of spectral_norm_cuda.cu block by block and thread by thread.
 template <typename Acc>
-Acc emulate_block_reduce(std::vector<Acc>& values) {
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    for (int tid = 0; tid < kThreads; ++tid) tree_reduce_step(values.data(), tid, stride);
-  }
-  return values[0];
+Acc emulate_block_sum(std::vector<Acc>& values) {
+  return emulate_block_reduce(values.data(), kThreads, Plus{});
 }
 
 template <typename T>
@@ -393,10 +390,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       block[tid] = row_dot_thread<T, Acc>(wp, vp, s, i, tid, kThreads);
       for_each_row_element(s, tid, kThreads, [&](int64_t j) { ++row_visits[s.offset(i, j)]; });
     }
-    t[i] = emulate_block_reduce(block);
+    t[i] = emulate_block_sum(block);
   }
   for (int tid = 0; tid < kThreads; ++tid) block[tid] = sum_sq_thread(t.data(), s.rows, tid, kThreads);
-  const Acc u_denom = clamped_norm(emulate_block_reduce(block), eps);
+  const Acc u_denom = clamped_norm(emulate_block_sum(block), eps);
   for (int64_t i = 0; i < s.rows; ++i) up[i] = static_cast<T>(t[i] / u_denom);
 
   // col_partial_kernel over (column block, row chunk); then the one-block finishing kernel.
@@ -418,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     block[tid] = sum_sq_thread(partials.data(), cols, tid, kThreads);
   }
-  const Acc ss = emulate_block_reduce(block);
+  const Acc ss = emulate_block_sum(block);
   const Acc v_denom = clamped_norm(ss, eps);
   for (int64_t j = 0; j < cols; ++j) vp[j] = static_cast<T>(partials[j] / v_denom);
   const Acc sigma = sigma_from_sum_sq(ss, eps);
@@ -440,10 +437,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       block[tid] = grad_dot_thread<T, Acc>(gp, wp, n, c, tid, kThreads);
       for_each_chunk_element(n, c, tid, kThreads, [&](int64_t k) { ++dot_visits[k]; });
     }
-    chunk_partials[c] = emulate_block_reduce(block);
+    chunk_partials[c] = emulate_block_sum(block);
   }
   for (int tid = 0; tid < kThreads; ++tid) block[tid] = sum_thread(chunk_partials.data(), n_chunks, tid, kThreads);
-  const Acc coef = outer_coefficient(emulate_block_reduce(block), sigma, Acc(0));
+  const Acc coef = outer_coefficient(emulate_block_sum(block), sigma, Acc(0));
   for (int64_t k = 0; k < n; ++k) dp[k] = grad_weight_element<T, Acc>(gp, up, vp, s, k, inv, coef);
 
   at::Tensor sigma_out = at::empty({}, w.options().dtype(sigma_dtype(w.scalar_type())));

@@ -22,31 +22,22 @@
 namespace ganops::spectral_norm {
 namespace {
 
+// A sum over the block (ganops/block.h's tree order).
 template <typename Acc>
-__device__ Acc block_reduce(Acc value) {
-  __shared__ Acc values[kThreads];
-  values[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    tree_reduce_step(values, threadIdx.x, stride);
-    __syncthreads();
-  }
-  const Acc out = values[0];
-  // The shared array is reused by the next reduction in the same kernel.
-  __syncthreads();
-  return out;
+__device__ Acc block_sum(Acc value) {
+  return block_reduce<kThreads>(value, Plus{});
 }
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) row_dot_kernel(const T* w, const T* x, MatrixShape s, Acc* t) {
   const int64_t i = blockIdx.x;
-  const Acc sum = block_reduce(row_dot_thread<T, Acc>(w, x, s, i, threadIdx.x, kThreads));
+  const Acc sum = block_sum(row_dot_thread<T, Acc>(w, x, s, i, threadIdx.x, kThreads));
   if (threadIdx.x == 0) t[i] = sum;
 }
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) normalize_rows_kernel(const Acc* t, int64_t rows, double eps, T* u) {
-  const Acc denom = clamped_norm(block_reduce(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
+  const Acc denom = clamped_norm(block_sum(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
   for (int64_t i = threadIdx.x; i < rows; i += kThreads) u[i] = static_cast<T>(t[i] / denom);
 }
 
@@ -65,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     partials[j] = combine_col_partials(partials, cols, n_row_chunks, j);
   }
-  const Acc ss = block_reduce(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
+  const Acc ss = block_sum(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
   const Acc denom = clamped_norm(ss, eps);
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) v[j] = static_cast<T>(partials[j] / denom);
   if (threadIdx.x == 0) *sigma = sigma_from_sum_sq(ss, eps);
@@ -73,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) eval_sigma_kernel(const T* u, const Acc* t, int64_t rows, Acc* sigma) {
-  const Acc dot = block_reduce(dot_thread(u, t, rows, threadIdx.x, kThreads));
+  const Acc dot = block_sum(dot_thread(u, t, rows, threadIdx.x, kThreads));
   if (threadIdx.x == 0) *sigma = dot;
 }
 
@@ -86,14 +77,14 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* w, int64_t num
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) grad_dot_kernel(const T* g, const T* w, int64_t numel, Acc* partials) {
-  const Acc sum = block_reduce(grad_dot_thread<T, Acc>(g, w, numel, blockIdx.x, threadIdx.x, kThreads));
+  const Acc sum = block_sum(grad_dot_thread<T, Acc>(g, w, numel, blockIdx.x, threadIdx.x, kThreads));
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
     grad_finish_kernel(const Acc* partials, int64_t n_chunks, const Acc* sigma, const Acc* grad_sigma, Acc* coef) {
-  const Acc dot = block_reduce(sum_thread(partials, n_chunks, threadIdx.x, kThreads));
+  const Acc dot = block_sum(sum_thread(partials, n_chunks, threadIdx.x, kThreads));
   if (threadIdx.x == 0) *coef = outer_coefficient(dot, *sigma, grad_sigma != nullptr ? *grad_sigma : Acc(0));
 }
 

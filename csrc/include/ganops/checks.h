@@ -25,6 +25,16 @@ inline void check_same_device(const at::Tensor& a, std::string_view a_name, cons
               " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
+// b must match a's shape, dtype and device.
+inline void check_like(const at::Tensor& a, std::string_view a_name, const at::Tensor& b,
+                       std::string_view b_name) {
+  TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  check_same_device(a, a_name, b, b_name);
+}
+
 inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name) {
   TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
 }
