@@ -21,6 +21,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <optional>
 #include <ganops/checks.h>
 #include <ganops/block.h>
 #include <ganops/common.h>
@@ -197,6 +199,17 @@ inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
               sigma_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
               sigma.scalar_type());
   check_same_device(sigma, "sigma", weight, "weight");
+}
+
+// The backward's inputs, checked alike by the CPU and CUDA kernels; returns the matrix view.
+inline MatrixShape check_backward_inputs(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
+                                         const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                         const at::Tensor& sigma, int64_t dim) {
+  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
+  check_sigma(sigma, weight);
+  check_like(weight, "weight", grad, "grad");
+  if (grad_sigma.has_value() && grad_sigma->defined()) check_sigma(*grad_sigma, weight);
+  return s;
 }
 
 }  // namespace ganops::spectral_norm

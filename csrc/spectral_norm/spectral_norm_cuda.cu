@@ -152,14 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
 at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                              const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                              const at::Tensor& sigma, int64_t dim) {
-  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  check_sigma(sigma, weight);
-  TORCH_CHECK(grad.sizes() == weight.sizes() && grad.scalar_type() == weight.scalar_type(),
-              "grad must match weight's shape ", weight.sizes(), " and dtype ", weight.scalar_type(), ", got ",
-              grad.sizes(), " and ", grad.scalar_type());
-  check_same_device(grad, "grad", weight, "weight");
+  const MatrixShape s = check_backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
   const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
-  if (has_grad_sigma) check_sigma(*grad_sigma, weight);
   c10::cuda::CUDAGuard guard(weight.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor w = weight.contiguous();
