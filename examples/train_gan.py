@@ -79,6 +79,15 @@ class Digits:
 # Networks
 # ---------------------------------------------------------------------------------------
 
+def minibatch_discrimination(in_features: int) -> MinibatchDiscrimination:
+    """16 kernels of dimension 8. T starts at N(0, 0.05^2), the scale the original code gave
+    it, not the N(0, 1) of the layer's default: with N(0, 1) every L1 distance is large, the
+    similarities start near 0 and the critic's input gradients are in the thousands."""
+    layer = MinibatchDiscrimination(in_features, 16, 8)
+    nn.init.normal_(layer.T, 0.0, 0.05)
+    return layer
+
+
 def mlp_pair(z_dim: int):
     generator = nn.Sequential(
         nn.Linear(z_dim, 256), nn.ReLU(),
@@ -87,8 +96,8 @@ def mlp_pair(z_dim: int):
     critic = nn.Sequential(
         ganops.spectral_norm(nn.Linear(2, 256)), nn.LeakyReLU(0.2),
         ganops.spectral_norm(nn.Linear(256, 128)), nn.LeakyReLU(0.2),
-        MinibatchDiscrimination(128, 16, 8),
-        ganops.spectral_norm(nn.Linear(128 + 16, 1)))
+        minibatch_discrimination(128),
+        ganops.spectral_norm(nn.Linear(128 + 16, 1, bias=False)))
     return generator, critic
 
 
@@ -101,8 +110,8 @@ def conv_pair(z_dim: int):
         ganops.spectral_norm(nn.Conv2d(1, 32, 3, 2, 1)), nn.LeakyReLU(0.2),    # 4x4
         ganops.spectral_norm(nn.Conv2d(32, 64, 3, 2, 1)), nn.LeakyReLU(0.2),   # 2x2
         nn.Flatten(),
-        MinibatchDiscrimination(256, 16, 8),
-        ganops.spectral_norm(nn.Linear(256 + 16, 1)))
+        minibatch_discrimination(256),
+        ganops.spectral_norm(nn.Linear(256 + 16, 1, bias=False)))
     return generator, critic
 
 
@@ -265,7 +274,9 @@ def save_outputs(run: dict, metrics: dict, out: str) -> None:
         ax.set_title(f"ring8: {metrics['modes_covered']}/8 modes, "
                      f"{100 * metrics['high_quality_fraction']:.0f}% within 3 std")
     else:
-        grid = run["samples"][:64].reshape(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
+        # 8x8 digits with a 1-pixel grey border each, laid out 8 by 8.
+        cells = torch.nn.functional.pad(run["samples"][:64, 0], (1, 1, 1, 1), value=0.0)
+        grid = cells.reshape(8, 8, 10, 10).permute(0, 2, 1, 3).reshape(80, 80)
         ax.imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
         ax.axis("off")
         ax.set_title(f"digits: diversity ratio {metrics['diversity_ratio']:.2f}")
@@ -296,18 +307,35 @@ def save_outputs(run: dict, metrics: dict, out: str) -> None:
     plt.close(fig)
 
 
+AGREEMENT_TOLERANCES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def loss_agreement(a: dict, b: dict) -> dict:
+    """For each relative tolerance, how many steps from the start both runs' critic and
+    generator losses agree (relative to max(|loss|, 1)).
+
+    Step 0 agrees to float32 rounding. Then Adam divides each gradient entry by its own
+    running magnitude, so entries whose true value is near 0 (sums of large terms that
+    cancel) turn rounding differences into whole learning-rate steps of either sign, and the
+    runs drift apart: expected of any two float32 implementations, not a bug.
+    """
+    def rel(x, y):
+        return (x - y).abs() / x.abs().clamp_min(1.0)
+
+    worst = torch.maximum(rel(a["loss_d"], b["loss_d"]), rel(a["loss_g"], b["loss_g"]))
+    steps = {}
+    for tol in AGREEMENT_TOLERANCES:
+        bad = (worst > tol).nonzero()
+        steps[tol] = int(bad[0]) if len(bad) else len(worst)
+    return {"steps_agreeing": steps, "step0_relative_difference": float(worst[0])}
+
+
 def compare(args) -> dict:
     """The same seed with the pure-PyTorch backend and with auto: metrics, times, agreement."""
     runs = [train(args.data, args.steps, args.seed, backend, args.penalty, quiet=args.quiet)
             for backend in ("torch", "auto")]
     metrics = [metrics_of(r) for r in runs]
-    diff = (runs[0]["loss_d"] - runs[1]["loss_d"]).abs()
-    scale = runs[0]["loss_d"].abs().clamp_min(1.0)
-    agree = diff <= args.agree_tol * scale
-    first_disagreement = int((~agree).nonzero()[0]) if not bool(agree.all()) else None
-    agreement = {"tolerance": args.agree_tol,
-                 "steps_agreeing_from_start": first_disagreement if first_disagreement is not None else args.steps,
-                 "max_diff_first_10": float(diff[:10].max()), "max_diff_all": float(diff.max())}
+    agreement = loss_agreement(runs[0], runs[1])
     keys = [k for k in metrics[0] if k not in ("backend", "steps", "seed")]
     print(f"{'':<24}{'torch backend':>18}{'auto (' + ganops.available_backends('cpu')[0] + ')':>18}")
     for k in keys:
@@ -315,9 +343,8 @@ def compare(args) -> dict:
         fmt = (lambda v: f"{v:>18.4f}") if isinstance(a, float) else (lambda v: f"{str(v):>18}")
         print(f"{k:<24}{fmt(a)}{fmt(b)}")
     print(f"speedup of auto over the torch backend: {runs[0]['wall_s'] / runs[1]['wall_s']:.2f}x")
-    print(f"critic losses agree to {args.agree_tol:g} (relative) for the first "
-          f"{agreement['steps_agreeing_from_start']} of {args.steps} steps; largest difference "
-          f"in the first 10 steps {agreement['max_diff_first_10']:.2e}, overall {agreement['max_diff_all']:.2e}")
+    print("steps from the start on which both losses agree, by relative tolerance: " +
+          ", ".join(f"{tol:g}: {n}" for tol, n in agreement["steps_agreeing"].items()) + f" (of {args.steps})")
     result = {"torch": metrics[0], "auto": metrics[1], "agreement": agreement}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -337,8 +364,6 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="directory for pictures and metrics.json")
     parser.add_argument("--compare", action="store_true",
                         help="run the same seed with the torch backend and with auto, side by side")
-    parser.add_argument("--agree-tol", type=float, default=1e-4,
-                        help="--compare: relative tolerance for the step-by-step loss agreement")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
