@@ -2,8 +2,8 @@
 
 Everything is checked against a hand-written WGAN-GP / R1 in plain PyTorch (the canonical
 formulas below, written here rather than taken from ganops' own reference), in float64.
-Spectral-normalised critics and minibatch discrimination are other ops: their integration
-tests are added once those ops are merged.
+Critics with spectral-normalised layers and minibatch discrimination are tested in
+tests/test_integration.py.
 """
 
 import math
