@@ -125,6 +125,8 @@ def rank_main(rank: int, world: int, port: int, mode: str, out_path: str):
         generator, critic = _wrap(generator, wrap_g, mesh), _wrap(critic, wrap_d, mesh)
         norms = train(generator, critic, make_batches(), rank, world, penalty)
         torch.save({"state": full_state(generator, critic), "norms": norms}, f"{out_path}.{rank}")
+        # No rank tears its process group down while the other still talks to it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
