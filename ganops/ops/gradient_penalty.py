@@ -340,11 +340,40 @@ def _check_scaler(scaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
 
 
+def _check_distributed_critic(critic) -> None:
+    """Refuses the data-parallel wrappings whose double backward goes wrong (tests/test_distributed.py).
+
+    Plain DistributedDataParallel works when the penalty joins the critic loss in one
+    backward. Two do not: FSDP2 (fully_shard) reshards after the input-gradient pass and
+    frees the gathered weights the second backward reads (pytorch/pytorch#172543; with
+    set_reshard_after_backward(False) it runs but reduces the gradients before the penalty's
+    part arrives: silently wrong), and DDP's static_graph reduces at the end of the
+    input-gradient pass, before any parameter gradient exists (silently wrong too). Only
+    modules are scanned, and only with a process group up, so single-process calls pay one
+    check.
+    """
+    if not (isinstance(critic, torch.nn.Module) and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+    for module in critic.modules():
+        if isinstance(module, FSDPModule):
+            raise ValueError("critic is sharded with FSDP2 (fully_shard), which does not support the double "
+                             "backward of a gradient penalty; wrap the critic in DistributedDataParallel instead "
+                             "(the generator can stay fully_shard-ed)")
+        if isinstance(module, DistributedDataParallel) and module.static_graph:
+            raise ValueError("critic is DistributedDataParallel with static_graph=True, which reduces gradients "
+                             "at the end of the penalty's input-gradient pass; use static_graph=False (the "
+                             "default) and one backward of critic loss + penalty")
+
+
 def _input_gradient(critic, x: torch.Tensor, scaler) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(∇_x Σ critic(x), inverse scale or None) with create_graph=True; with an enabled scaler
     the gradient is of the scaled output and the inverse scale is computed on the device."""
     if not callable(critic):
         raise TypeError(f"critic must be callable (a module or function), got {type(critic).__name__}")
+    _check_distributed_critic(critic)
     n = x.shape[0]
     with torch.enable_grad():
         out = critic(x)
