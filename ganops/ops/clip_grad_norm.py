@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from ganops import _backend, _ext
+from ganops._dtensor import is_dtensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -248,13 +249,6 @@ def _norms(tensors, norm_type, per_tensor, backend, foreach):
 # Sharded gradients (DTensor, as FSDP2's fully_shard makes them)
 # ---------------------------------------------------------------------------------------
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    if type(t) is torch.Tensor:  # the common case, decided without importing anything
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
-
-
 def _dtensor_norms(grads, norm_type, backend, foreach):
     """(total, per-tensor norms, mesh) of DTensor gradients, as plain tensors holding the
     global values on every rank.
@@ -302,7 +296,7 @@ def _replicated(total: torch.Tensor, mesh):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
@@ -330,7 +324,7 @@ def get_total_norm(tensors, norm_type: float | str = 2.0, error_if_nonfinite: bo
     p = _check_norm_type(norm_type)
     if not tensors:
         return torch.tensor(0.0)
-    if _is_dtensor(tensors[0]):
+    if is_dtensor(tensors[0]):
         total, _, mesh = _dtensor_norms(tensors, p, backend, foreach)
     else:
         _check_grads(tensors, "tensors")
@@ -353,7 +347,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
         raise TypeError(f"total_norm must be a tensor, got {type(total_norm).__name__}")
     if not grads:
         return
-    if _is_dtensor(total_norm):
+    if is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()
     if total_norm.dtype not in (torch.float32, torch.float64):
         total_norm = total_norm.float()
@@ -386,7 +380,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     if not grads:
         return torch.tensor(0.0)
     name = _backend.resolve(backend, grads[0].device)
-    if name != "torch" and not error_if_nonfinite and not _is_dtensor(grads[0]):
+    if name != "torch" and not error_if_nonfinite and not is_dtensor(grads[0]):
         fused = torch.ops.ganops.clip_grad_norm_ if name == "cpp" else torch.ops.ganops.clip_grad_norm_triton_
         try:
             with torch.no_grad():
@@ -399,7 +393,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
             if len(_by_device(grads)) == 1:
                 raise
     with torch.no_grad():
-        if _is_dtensor(grads[0]):
+        if is_dtensor(grads[0]):
             total, _, mesh = _dtensor_norms(grads, p, backend, foreach)
         else:
             _check_grads(grads, "parameters' gradients")
@@ -426,7 +420,7 @@ def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
     with torch.no_grad():
-        if _is_dtensor(grads[0]):
+        if is_dtensor(grads[0]):
             total, per, _ = _dtensor_norms(grads, p, backend, None)
         else:
             _check_grads(grads, "parameters' gradients")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ganops import _backend, _ext
-from ganops.ops.clip_grad_norm import _is_dtensor
+from ganops._dtensor import is_dtensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,7 +76,7 @@ def check_weight(weight, name: str = "weight") -> None:
         raise TypeError(f"{name} has dtype {weight.dtype}; expected float16, bfloat16, float32 or float64")
     if weight.layout != torch.strided:
         raise TypeError(f"{name} is a {weight.layout} tensor; ganops supports dense weights only")
-    if torch.distributed.is_available() and _is_dtensor(weight):
+    if is_dtensor(weight):
         # A sharded weight (FSDP2's fully_shard registers DTensor parameters) has no power
         # iteration of its own: u and v belong to the whole matrix. Registered before
         # fully_shard, the parametrization sees the weight FSDP2 gathers for each forward and
