@@ -15,8 +15,15 @@ import pytest
 
 import ganops
 
-# Kernels allowed to use local memory, each with the reason. Empty: none needs it.
-ALLOWED_LOCAL_MEMORY: dict[str, str] = {}
+# Kernels allowed a stack frame, each (a regular expression on the mangled name) with the
+# reason. Every other kernel must have none.
+ALLOWED_LOCAL_MEMORY: dict[str, str] = {
+    # Spectral norm's dW kernel with 64-bit indices (Index = long, "l"), half/bfloat16, sm_80:
+    # ptxas keeps 8 bytes on the stack around the 64-bit division subroutine. The kernel
+    # runs only for weights of 2^32 elements or more; below that (every real layer) the
+    # uint32_t instantiation, which has no stack, is launched.
+    r"grad_weight_kernelIN3c10(4Half|8BFloat16)EflE": "64-bit division call, weights >= 2^32 elements only",
+}
 
 
 def _cuobjdump():
@@ -71,6 +78,7 @@ def test_no_spills_stack_or_local_memory():
     for (arch, kernel), res in sorted(usage.items()):
         print(f"{arch} REG:{res.get('REG')} SHARED:{res.get('SHARED')} STACK:{res.get('STACK')} "
               f"LOCAL:{res.get('LOCAL')} {kernel}")
-        if (res.get("STACK", 0) or res.get("LOCAL", 0)) and not any(k in kernel for k in ALLOWED_LOCAL_MEMORY):
+        allowed = any(re.search(pattern, kernel) for pattern in ALLOWED_LOCAL_MEMORY)
+        if (res.get("STACK", 0) or res.get("LOCAL", 0)) and not allowed:
             offenders.append(f"{arch} {kernel}: STACK {res.get('STACK')} LOCAL {res.get('LOCAL')}")
     assert not offenders, "kernels spilling or using local memory:\n" + "\n".join(offenders)

@@ -48,9 +48,19 @@ struct MatrixShape {
     return ((j / inner) * rows + i) * inner + j % inner;
   }
   // Row of the weight's k-th element.
-  GANOPS_HD int64_t row_of(int64_t k) const { return (k / inner) % rows; }
+  // Index: the integer type of the division. The CUDA kernels use uint32_t whenever the
+  // weight has fewer than 2^32 elements: 64-bit division is a subroutine call, around which
+  // ptxas spilled registers in the half-precision sm_80 kernels.
+  template <typename Index = int64_t>
+  GANOPS_HD int64_t row_of(int64_t k) const {
+    return static_cast<int64_t>((Index(k) / Index(inner)) % Index(rows));
+  }
   // Column of the weight's k-th element.
-  GANOPS_HD int64_t col_of(int64_t k) const { return (k / (rows * inner)) * inner + k % inner; }
+  template <typename Index = int64_t>
+  GANOPS_HD int64_t col_of(int64_t k) const {
+    const Index kk = Index(k), in = Index(inner);
+    return static_cast<int64_t>((kk / (Index(rows) * in)) * in + kk % in);
+  }
 };
 
 // torch.nn.functional.normalize's divisor: the norm clamped below at eps.
@@ -155,10 +165,11 @@ GANOPS_HD Acc outer_coefficient(Acc grad_dot_weight, Acc sigma, Acc grad_sigma) 
 }
 
 // One element of dW.
-template <typename T, typename Acc>
+template <typename T, typename Acc, typename Index = int64_t>
 GANOPS_HD T grad_weight_element(const T* g, const T* u, const T* v, MatrixShape s, int64_t k,
                                 Acc inv_sigma, Acc coef) {
-  return static_cast<T>(Acc(g[k]) * inv_sigma - coef * Acc(u[s.row_of(k)]) * Acc(v[s.col_of(k)]));
+  return static_cast<T>(Acc(g[k]) * inv_sigma -
+                        coef * Acc(u[s.template row_of<Index>(k)]) * Acc(v[s.template col_of<Index>(k)]));
 }
 
 // Host side: the matrix view of a contiguous weight, and the checks every backend's

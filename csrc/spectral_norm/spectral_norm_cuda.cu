@@ -88,13 +88,15 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *coef = outer_coefficient(dot, *sigma, grad_sigma != nullptr ? *grad_sigma : Acc(0));
 }
 
-template <typename T, typename Acc>
+// Index is uint32_t below 2^32 elements; the int64_t instantiation (larger weights only)
+// keeps 8 bytes on the stack at sm_80 around the 64-bit division call (tests/test_cuda_build.py).
+template <typename T, typename Acc, typename Index>
 __global__ void __launch_bounds__(kThreads)
     grad_weight_kernel(const T* g, const T* u, const T* v, MatrixShape s, const Acc* sigma, const Acc* coef, T* out) {
   const Acc inv = Acc(1) / *sigma;
   const Acc c = *coef;
   for_each_chunk_element(s.numel(), blockIdx.x, threadIdx.x, kThreads,
-                         [&](int64_t k) { out[k] = grad_weight_element<T, Acc>(g, u, v, s, k, inv, c); });
+                         [&](int64_t k) { out[k] = grad_weight_element<T, Acc, Index>(g, u, v, s, k, inv, c); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cuda(
@@ -176,10 +178,17 @@ at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::option
         pp, n_chunks, sigma.const_data_ptr<Acc>(), has_grad_sigma ? grad_sigma->const_data_ptr<Acc>() : nullptr,
         coef);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_weight_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(g.const_data_ptr<T>(), uc.const_data_ptr<T>(),
-                                                                  vc.const_data_ptr<T>(), s,
-                                                                  sigma.const_data_ptr<Acc>(), coef,
-                                                                  out.data_ptr<T>());
+    auto launch = [&](auto index_type) {
+      using Index = decltype(index_type);
+      grad_weight_kernel<T, Acc, Index><<<n_chunks, kThreads, 0, stream>>>(
+          g.const_data_ptr<T>(), uc.const_data_ptr<T>(), vc.const_data_ptr<T>(), s, sigma.const_data_ptr<Acc>(),
+          coef, out.data_ptr<T>());
+    };
+    if (n <= int64_t(UINT32_MAX)) {
+      launch(uint32_t{});
+    } else {
+      launch(int64_t{});
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
