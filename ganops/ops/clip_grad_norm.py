@@ -290,6 +290,15 @@ def _dtensor_norms(grads, norm_type, backend, foreach):
     return powers.sum().pow(1.0 / norm_type), powers.pow(1.0 / norm_type), mesh
 
 
+def _global_norms(tensors, norm_type, per_tensor, backend, foreach, name):
+    """(total, per-tensor norms, mesh) of plain tensors (mesh None) or of DTensor shards."""
+    if is_dtensor(tensors[0]):
+        return _dtensor_norms(tensors, norm_type, backend, foreach)
+    _check_grads(tensors, name)
+    total, per = _norms(tensors, norm_type, per_tensor, backend, foreach)
+    return total, per, None
+
+
 def _replicated(total: torch.Tensor, mesh):
     from torch.distributed.tensor import DTensor, Replicate
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim)
@@ -324,12 +333,7 @@ def get_total_norm(tensors, norm_type: float | str = 2.0, error_if_nonfinite: bo
     p = _check_norm_type(norm_type)
     if not tensors:
         return torch.tensor(0.0)
-    if is_dtensor(tensors[0]):
-        total, _, mesh = _dtensor_norms(tensors, p, backend, foreach)
-    else:
-        _check_grads(tensors, "tensors")
-        total, _ = _norms(tensors, p, False, backend, foreach)
-        mesh = None
+    total, _, mesh = _global_norms(tensors, p, False, backend, foreach, "tensors")
     if error_if_nonfinite:
         _raise_if_nonfinite(total, p)
     return total if mesh is None else _replicated(total, mesh)
@@ -393,12 +397,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
             if len(_by_device(grads)) == 1:
                 raise
     with torch.no_grad():
-        if is_dtensor(grads[0]):
-            total, _, mesh = _dtensor_norms(grads, p, backend, foreach)
-        else:
-            _check_grads(grads, "parameters' gradients")
-            total, _ = _norms(grads, p, False, backend, foreach)
-            mesh = None
+        total, _, mesh = _global_norms(grads, p, False, backend, foreach, "parameters' gradients")
         if error_if_nonfinite:
             _raise_if_nonfinite(total, p)
         _scale_all_(grads, total, max_norm, backend)
@@ -420,9 +419,5 @@ def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False
         total = torch.tensor(0.0)
         return (total, torch.zeros(0)) if per_tensor else total
     with torch.no_grad():
-        if is_dtensor(grads[0]):
-            total, per, _ = _dtensor_norms(grads, p, backend, None)
-        else:
-            _check_grads(grads, "parameters' gradients")
-            total, per = _norms(grads, p, per_tensor, backend, None)
+        total, per, _ = _global_norms(grads, p, per_tensor, backend, None, "parameters' gradients")
     return (total, per) if per_tensor else total
