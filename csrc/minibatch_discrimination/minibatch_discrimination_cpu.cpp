@@ -30,6 +30,10 @@
 #include <limits>
 #include <vector>
 
+// GCC contracts a·b + c into an FMA when the target has one (AVX-512 does): keep every kernel
+// version to the same separately rounded operations.
+#pragma GCC optimize("fp-contract=off")
+
 namespace ganops::minibatch_discrimination {
 namespace {
 
@@ -261,17 +265,30 @@ inline void run_task(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t 
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define GANOPS_MBD_AVX2 1
-// The same loop compiled for AVX2; flatten inlines run_task so all of it gets the target.
+#define GANOPS_MBD_X86 1
+// The same loop compiled for AVX-512 and for AVX2, picked at run time; flatten inlines run_task
+// so all of it gets the target. One row of a tile is one 512-bit vector of float.
+template <Mode mode, typename Acc>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,prefer-vector-width=512"), flatten)) void
+run_task_avx512(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t t) {
+  run_task<mode, Acc>(a, bl, p, t);
+}
+
 template <Mode mode, typename Acc>
 __attribute__((target("avx2"), flatten)) void run_task_avx2(const Args<Acc>& a, const Blocking& bl, int64_t p,
                                                             int64_t t) {
   run_task<mode, Acc>(a, bl, p, t);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
+                             ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") ? Isa::kAvx2
+                                                          : Isa::kBase;
+  return isa;
 }
 #endif
 
@@ -291,10 +308,11 @@ template <Mode mode, typename Acc>
 void run(const Args<Acc>& a, const Blocking& bl) {
   at::parallel_for(0, bl.parts * a.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-#ifdef GANOPS_MBD_AVX2
-      if (cpu_has_avx2()) {
-        run_task_avx2<mode, Acc>(a, bl, task / a.tiles, task % a.tiles);
-        continue;
+#ifdef GANOPS_MBD_X86
+      switch (cpu_isa()) {
+        case Isa::kAvx512: run_task_avx512<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); continue;
+        case Isa::kAvx2: run_task_avx2<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); continue;
+        case Isa::kBase: break;
       }
 #endif
       run_task<mode, Acc>(a, bl, task / a.tiles, task % a.tiles);
