@@ -228,7 +228,7 @@ inline Blocking blocking(int64_t N) {
 }
 
 // Task (p, t): zeroes its accumulators, then runs every pair whose i lies in part p's blocks.
-// The j loop goes by kBlock rows so the j side of M and of the accumulators stays in L1.
+// The j loop goes by kBlock rows so the j side of M and of the accumulators stays in cache.
 template <Mode mode, typename Acc>
 inline void run_task(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t t) {
   constexpr int64_t L = kLanes;
