@@ -2,12 +2,13 @@
 // minibatch_discrimination.h).
 //
 // Inputs are first packed, in the accumulation type, as P[t][n][c][l] = X[n, t·L + l, c]
-// (L = kLanes, zero past B): for a row i and a tile t of L values of b, every pair (i, j)
-// then reads two contiguous C×L blocks, and the loops over l vectorise with no gather. A task
-// is one (t, i): it loops over every j in order, reduces over c into L distances, takes the L
-// exponentials with one vectorised exp, and accumulates its own output row only. Tasks are
-// independent and each sums in a fixed order, so results are bit-identical whatever the
-// thread count. Extra memory: the packed copies, O(N·B·C).
+// (L = kLanes, zero past B): for a tile t of L values of b, every pair (i, j) then reads two
+// contiguous C×L blocks, and the loops over l vectorise with no gather. K, Q and the pair
+// weights are symmetric in (i, j) and S is antisymmetric, so each unordered pair i < j is
+// computed once and added to both rows. Determinism comes from a fixed split (see Blocking):
+// each task (part, tile) sums its pairs in a fixed order into its own accumulators, and the
+// parts are summed in part order, so results are bit-identical whatever the thread count.
+// Extra memory: the packed copies and up to kMaxBlocks / 2 partial sums, O(N·B·C).
 //
 // On x86-64 the task loop is also compiled for AVX2 and picked at run time; both versions do
 // the same IEEE operations (no FMA contraction), so they give the same bits.
@@ -28,6 +29,10 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+// GCC contracts a·b + c into an FMA when the target has one (AVX-512 does): keep every kernel
+// version to the same separately rounded operations.
+#pragma GCC optimize("fp-contract=off")
 
 namespace ganops::minibatch_discrimination {
 namespace {
@@ -120,14 +125,14 @@ std::vector<Acc> pack(const at::Tensor& X) {
 
 // The inverse of pack into a new contiguous tensor of sizes (N, B) or (N, B, C) and dtype T.
 template <typename T, typename Acc>
-at::Tensor unpack(const std::vector<Acc>& P, at::IntArrayRef sizes, at::TensorOptions options) {
+at::Tensor unpack(const Acc* P, at::IntArrayRef sizes, at::TensorOptions options) {
   at::Tensor out = at::empty(sizes, options);
   const int64_t N = sizes[0], B = sizes[1], C = sizes.size() == 3 ? sizes[2] : 1;
   T* y = out.data_ptr<T>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t b = 0; b < B; ++b) {
-        const Acc* src = P.data() + ((b / kLanes) * N + n) * C * kLanes + b % kLanes;
+        const Acc* src = P + ((b / kLanes) * N + n) * C * kLanes + b % kLanes;
         for (int64_t c = 0; c < C; ++c) y[(n * B + b) * C + c] = static_cast<T>(src[c * kLanes]);
       }
     }
@@ -137,121 +142,198 @@ at::Tensor unpack(const std::vector<Acc>& P, at::IntArrayRef sizes, at::TensorOp
 
 enum class Mode { kForward, kBackward, kDoubleBackward };
 
-// Packed operands and outputs of one kernel call. out_row is (tiles, N, L): o or dg;
-// out_M is (tiles, N, C, L), zero on entry: dM.
+// Packed operands of one kernel call and its per-part accumulators: row is (parts, tiles, N, L),
+// o or dg; dM is (parts, tiles, N, C, L), dM.
 template <typename Acc>
 struct Args {
   const Acc* M;
   const Acc* grad;
   const Acc* h;
-  Acc* out_row;
-  Acc* out_M;
-  int64_t N, C;
+  Acc* row;
+  Acc* dM;
+  int64_t N, C, tiles;
   bool exclude_self;
 };
 
-// Tasks [begin, end), task = t·N + i. scratch holds one pair's C×L differences.
+// One pair i < j of tile t: K, Q and the weight w are symmetric in (i, j) and S antisymmetric,
+// so the pair adds to both rows at once. ri/rj are the rows' L accumulators of o or dg, ai/aj
+// their C×L accumulators of dM.
 template <Mode mode, typename Acc>
-inline void run_tasks(const Args<Acc>& a, int64_t begin, int64_t end, Acc* __restrict scratch) {
+inline void pair(const Args<Acc>& a, int64_t t, int64_t i, int64_t j, Acc* __restrict ri, Acc* __restrict rj,
+                 Acc* __restrict ai, Acc* __restrict aj) {
+  constexpr int64_t L = kLanes;
+  const int64_t C = a.C;
+  const Acc* mi = a.M + (t * a.N + i) * C * L;
+  const Acc* mj = a.M + (t * a.N + j) * C * L;
+  Acc d[L] = {};
+  Acc q[L] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t l = 0; l < L; ++l) {
+      const Acc diff = mi[c * L + l] - mj[c * L + l];
+      d[l] += std::abs(diff);
+      if constexpr (mode == Mode::kDoubleBackward) {
+        const Acc* hi = a.h + (t * a.N + i) * C * L;
+        const Acc* hj = a.h + (t * a.N + j) * C * L;
+        q[l] += (hi[c * L + l] - hj[c * L + l]) * sign_of(diff);
+      }
+    }
+  }
+  Acc w[L];
+  for (int64_t l = 0; l < L; ++l) {
+    const Acc k = exp_neg(d[l]);
+    if constexpr (mode == Mode::kForward) {
+      ri[l] += k;
+      rj[l] += k;
+    } else {
+      const Acc gij = a.grad[(t * a.N + i) * L + l] + a.grad[(t * a.N + j) * L + l];
+      if constexpr (mode == Mode::kBackward) {
+        w[l] = -gij * k;
+      } else {
+        const Acc kq = k * q[l];
+        ri[l] -= kq;
+        rj[l] -= kq;
+        w[l] = gij * kq;
+      }
+    }
+  }
+  if constexpr (mode != Mode::kForward) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t l = 0; l < L; ++l) {
+        const Acc ws = w[l] * sign_of(mi[c * L + l] - mj[c * L + l]);
+        ai[c * L + l] += ws;
+        aj[c * L + l] -= ws;
+      }
+    }
+  }
+}
+
+// Row blocks: the pairs (i, j), i < j, are grouped by i's block; part p owns blocks p and
+// blocks − 1 − p, so every part does about the same number of pairs. The number of parts
+// depends on N only, never on the thread count, and each part of each tile has its own
+// accumulators, summed in part order afterwards: the results are bit-identical whatever the
+// thread count. At most kMaxParts parts bound the extra memory to kMaxParts copies of dM.
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMaxBlocks = 16;
+
+struct Blocking {
+  int64_t rows;    // rows per block
+  int64_t blocks;  // ceil(N / rows)
+  int64_t parts;   // ceil(blocks / 2)
+};
+
+inline Blocking blocking(int64_t N) {
+  const int64_t rows = std::max(kBlock, ceil_div(N, kMaxBlocks));
+  const int64_t blocks = ceil_div(N, rows);
+  return {rows, blocks, ceil_div(blocks, 2)};
+}
+
+// Task (p, t): zeroes its accumulators, then runs every pair whose i lies in part p's blocks.
+// The j loop goes by kBlock rows so the j side of M and of the accumulators stays in cache.
+template <Mode mode, typename Acc>
+inline void run_task(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t t) {
   constexpr int64_t L = kLanes;
   const int64_t N = a.N, C = a.C;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t t = task / N, i = task % N;
-    const Acc* mi = a.M + task * C * L;
-    const Acc* mt = a.M + t * N * C * L;
-    Acc row[L] = {};
-    Acc gi[L] = {};
-    const Acc* ht = nullptr;
-    Acc* __restrict acc_M = nullptr;
-    if constexpr (mode != Mode::kForward) {
-      for (int64_t l = 0; l < L; ++l) gi[l] = a.grad[task * L + l];
-      acc_M = a.out_M + task * C * L;
-    }
-    if constexpr (mode == Mode::kDoubleBackward) ht = a.h + t * N * C * L;
-    for (int64_t j = 0; j < N; ++j) {
-      // The self term is 1 in the forward and 0 in both backward passes.
-      if (j == i && (mode != Mode::kForward || a.exclude_self)) continue;
-      const Acc* mj = mt + j * C * L;
-      Acc d[L] = {};
-      Acc q[L] = {};
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t l = 0; l < L; ++l) {
-          const Acc diff = mi[c * L + l] - mj[c * L + l];
-          d[l] += std::abs(diff);
-          if constexpr (mode != Mode::kForward) scratch[c * L + l] = diff;
-          if constexpr (mode == Mode::kDoubleBackward) {
-            q[l] += (ht[i * C * L + c * L + l] - ht[j * C * L + c * L + l]) * sign_of(diff);
-          }
-        }
-      }
-      Acc w[L];
-      for (int64_t l = 0; l < L; ++l) {
-        const Acc k = exp_neg(d[l]);
-        if constexpr (mode == Mode::kForward) {
-          row[l] += k;
-        } else if constexpr (mode == Mode::kBackward) {
-          w[l] = -(gi[l] + a.grad[(t * N + j) * L + l]) * k;
-        } else {
-          const Acc kq = k * q[l];
-          row[l] -= kq;
-          w[l] = (gi[l] + a.grad[(t * N + j) * L + l]) * kq;
-        }
-      }
-      if constexpr (mode != Mode::kForward) {
+  const int64_t slot = p * a.tiles + t;
+  Acc* row = mode == Mode::kBackward ? nullptr : a.row + slot * N * L;
+  Acc* dM = mode == Mode::kForward ? nullptr : a.dM + slot * N * C * L;
+  if (row) std::fill(row, row + N * L, Acc(0));
+  if (dM) std::fill(dM, dM + N * C * L, Acc(0));
+  const int64_t owned[2] = {p, bl.blocks - 1 - p};
+  for (int64_t k = 0; k < (owned[0] == owned[1] ? 1 : 2); ++k) {
+    const int64_t i0 = owned[k] * bl.rows, i1 = std::min(N, i0 + bl.rows);
+    if (mode == Mode::kForward && !a.exclude_self) {
+      // The self term, exp(−Σ_c |M_i − M_i|): 1, or NaN where M_i is not finite.
+      for (int64_t i = i0; i < i1; ++i) {
+        const Acc* mi = a.M + (t * N + i) * C * L;
+        Acc d[L] = {};
         for (int64_t c = 0; c < C; ++c) {
-          for (int64_t l = 0; l < L; ++l) acc_M[c * L + l] += w[l] * sign_of(scratch[c * L + l]);
+          for (int64_t l = 0; l < L; ++l) d[l] += std::abs(mi[c * L + l] - mi[c * L + l]);
         }
+        for (int64_t l = 0; l < L; ++l) row[i * L + l] += exp_neg(d[l]);
       }
     }
-    if constexpr (mode != Mode::kBackward) {
-      for (int64_t l = 0; l < L; ++l) a.out_row[task * L + l] = row[l];
+    for (int64_t j0 = i0; j0 < N; j0 += kBlock) {
+      const int64_t j1 = std::min(N, j0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) {
+          pair<mode, Acc>(a, t, i, j, row ? row + i * L : nullptr, row ? row + j * L : nullptr,
+                          dM ? dM + i * C * L : nullptr, dM ? dM + j * C * L : nullptr);
+        }
+      }
     }
   }
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define GANOPS_MBD_AVX2 1
-// The same loop compiled for AVX2; flatten inlines run_tasks so all of it gets the target.
+#define GANOPS_MBD_X86 1
+// The same loop compiled for AVX-512 and for AVX2, picked at run time; flatten inlines run_task
+// so all of it gets the target. One row of a tile is one 512-bit vector of float.
 template <Mode mode, typename Acc>
-__attribute__((target("avx2"), flatten)) void run_tasks_avx2(const Args<Acc>& a, int64_t begin, int64_t end,
-                                                             Acc* scratch) {
-  run_tasks<mode, Acc>(a, begin, end, scratch);
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,prefer-vector-width=512"), flatten)) void
+run_task_avx512(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t t) {
+  run_task<mode, Acc>(a, bl, p, t);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+template <Mode mode, typename Acc>
+__attribute__((target("avx2"), flatten)) void run_task_avx2(const Args<Acc>& a, const Blocking& bl, int64_t p,
+                                                            int64_t t) {
+  run_task<mode, Acc>(a, bl, p, t);
+}
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
+                             ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") ? Isa::kAvx2
+                                                          : Isa::kBase;
+  return isa;
 }
 #endif
 
-template <Mode mode, typename Acc>
-void run(const Args<Acc>& a, int64_t tiles) {
-  const int64_t tasks = tiles * a.N;
-  // About 64K pair-lane operations per chunk of tasks keeps scheduling overhead small.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.N * std::max<int64_t>(a.C, 1)));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scratch(static_cast<size_t>(std::max<int64_t>(a.C, 1) * kLanes));
-#ifdef GANOPS_MBD_AVX2
-    if (cpu_has_avx2()) {
-      run_tasks_avx2<mode, Acc>(a, begin, end, scratch.data());
-      return;
+// Sums the parts of x (parts × size) into the first, in part order.
+template <typename Acc>
+void sum_parts(Acc* x, int64_t parts, int64_t size) {
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = 1; p < parts; ++p) {
+      const Acc* src = x + p * size;
+      for (int64_t e = begin; e < end; ++e) x[e] += src[e];
     }
-#endif
-    run_tasks<mode, Acc>(a, begin, end, scratch.data());
   });
+}
+
+// Runs every task, then leaves the totals in the first part of a.row and a.dM.
+template <Mode mode, typename Acc>
+void run(const Args<Acc>& a, const Blocking& bl) {
+  at::parallel_for(0, bl.parts * a.tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+#ifdef GANOPS_MBD_X86
+      switch (cpu_isa()) {
+        case Isa::kAvx512: run_task_avx512<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); continue;
+        case Isa::kAvx2: run_task_avx2<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); continue;
+        case Isa::kBase: break;
+      }
+#endif
+      run_task<mode, Acc>(a, bl, task / a.tiles, task % a.tiles);
+    }
+  });
+  if (mode != Mode::kBackward) sum_parts(a.row, bl.parts, a.tiles * a.N * kLanes);
+  if (mode != Mode::kForward) sum_parts(a.dM, bl.parts, a.tiles * a.N * a.C * kLanes);
 }
 
 at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
   check_M(M, c10::DeviceType::CPU);
   const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
+  const int64_t tiles = ceil_div(B, kLanes);
+  const Blocking bl = blocking(N);
   at::Tensor out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
-    std::vector<Acc> o(static_cast<size_t>(ceil_div(B, kLanes) * N * kLanes));
-    run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, N, C, exclude_self},
-                             ceil_div(B, kLanes));
-    out = unpack<scalar_t, Acc>(o, {N, B}, M.options());
+    std::vector<Acc> o(static_cast<size_t>(bl.parts * tiles * N * kLanes));
+    run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, N, C, tiles, exclude_self}, bl);
+    out = unpack<scalar_t, Acc>(o.data(), {N, B}, M.options());
   });
   return out;
 }
@@ -260,15 +342,16 @@ at::Tensor similarity_backward_cpu(const at::Tensor& grad, const at::Tensor& M) 
   check_M(M, c10::DeviceType::CPU);
   const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
   check_like(grad, "grad", M, {N, B});
+  const int64_t tiles = ceil_div(B, kLanes);
+  const Blocking bl = blocking(N);
   at::Tensor out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
-    std::vector<Acc> dM(Mp.size(), Acc(0));
-    run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), N, C, false},
-                              ceil_div(B, kLanes));
-    out = unpack<scalar_t, Acc>(dM, M.sizes(), M.options());
+    std::vector<Acc> dM(static_cast<size_t>(bl.parts) * Mp.size());
+    run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), N, C, tiles, false}, bl);
+    out = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });
   return out;
 }
@@ -279,18 +362,20 @@ std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cpu(const at::Tens
   const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
   check_like(grad, "grad", M, {N, B});
   check_like(grad_grad_M, "grad_grad_M", M, M.sizes());
+  const int64_t tiles = ceil_div(B, kLanes);
+  const Blocking bl = blocking(N);
   at::Tensor d_grad, d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
     const std::vector<Acc> hp = pack<scalar_t, Acc>(grad_grad_M);
-    std::vector<Acc> dg(gp.size());
-    std::vector<Acc> dM(Mp.size(), Acc(0));
-    run<Mode::kDoubleBackward, Acc>({Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), N, C, false},
-                                    ceil_div(B, kLanes));
-    d_grad = unpack<scalar_t, Acc>(dg, grad.sizes(), M.options());
-    d_M = unpack<scalar_t, Acc>(dM, M.sizes(), M.options());
+    std::vector<Acc> dg(static_cast<size_t>(bl.parts) * gp.size());
+    std::vector<Acc> dM(static_cast<size_t>(bl.parts) * Mp.size());
+    run<Mode::kDoubleBackward, Acc>({Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), N, C, tiles, false},
+                                    bl);
+    d_grad = unpack<scalar_t, Acc>(dg.data(), grad.sizes(), M.options());
+    d_M = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });
   return {d_grad, d_M};
 }
