@@ -1,6 +1,6 @@
 """Train a WGAN-GP with every ganops op, where a practitioner would put each one.
 
-    python examples/train_gan.py --data ring8 --steps 2000 --out runs/ring8
+    python examples/train_gan.py --data ring8 --steps 4000 --out runs/ring8
     python examples/train_gan.py --data digits --steps 3000 --out runs/digits
     python examples/train_gan.py --data ring8 --steps 300 --compare    # torch backend vs auto
 
@@ -359,7 +359,7 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=list(ganops.BACKENDS), default="auto")
     parser.add_argument("--penalty", choices=["gp", "r1"], default="gp",
                         help="WGAN-GP gradient penalty on interpolates, or R1 on reals")
-    parser.add_argument("--steps", type=int, default=2000, help="generator steps")
+    parser.add_argument("--steps", type=int, default=4000, help="generator steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for pictures and metrics.json")
     parser.add_argument("--compare", action="store_true",

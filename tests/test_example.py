@@ -22,9 +22,10 @@ def train_gan():
 
 
 def test_ring8_covers_the_modes(train_gan, tmp_path):
-    # 2500 generator steps, seed 0: 8 of 8 modes and 20% high-quality samples when measured
-    # (about 40 s on one core here); at least 6 modes is the bar.
-    metrics = train_gan.main(["--data", "ring8", "--steps", "2500", "--seed", "0", "--out", str(tmp_path),
+    # 4000 generator steps, seed 0: 8 of 8 modes and 23% high-quality samples when measured
+    # (50 s here). The modes sharpen between 2500 and 3500 steps, so 2500 is a coin toss:
+    # after a change in summation order one 2500-step run had 8 modes and the next 3.
+    metrics = train_gan.main(["--data", "ring8", "--steps", "4000", "--seed", "0", "--out", str(tmp_path),
                               "--quiet"])
     assert metrics["modes_covered"] >= 6, metrics
     assert metrics["high_quality_fraction"] > 0.1, metrics
