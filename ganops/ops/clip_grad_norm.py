@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from ganops import _backend, _ext
+from ganops._checks import check_number
 from ganops._dtensor import is_dtensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -41,18 +42,6 @@ def _check_norm_type(norm_type) -> float:
     if not p > 0:
         raise ValueError(f"norm_type must be positive (1, 2, inf or any p > 0), got {norm_type!r}")
     return p
-
-
-def _check_max_norm(max_norm) -> float:
-    if isinstance(max_norm, torch.Tensor):
-        raise TypeError("max_norm must be a Python number, not a tensor")
-    try:
-        value = float(max_norm)
-    except (TypeError, ValueError):
-        raise TypeError(f"max_norm must be a number, got {max_norm!r}") from None
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"max_norm must be non-negative, got {max_norm!r}")
-    return value
 
 
 def _tensor_list(tensors, name: str) -> list[torch.Tensor]:
@@ -346,7 +335,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     Like torch.nn.utils.clip_grads_with_norm_; the coefficient is computed on the device.
     """
     grads = _grads_of(parameters)
-    max_norm = _check_max_norm(max_norm)
+    max_norm = check_number(max_norm, "max_norm", minimum=0.0, finite=False)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a tensor, got {type(total_norm).__name__}")
     if not grads:
@@ -379,7 +368,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     only host synchronisation). ``backend`` picks the implementation (see ganops.use_backend).
     """
     grads = _grads_of(parameters)
-    max_norm = _check_max_norm(max_norm)
+    max_norm = check_number(max_norm, "max_norm", minimum=0.0, finite=False)
     p = _check_norm_type(norm_type)
     if not grads:
         return torch.tensor(0.0)

@@ -25,11 +25,11 @@ CUDA kernels) and their ``*_triton`` twins. The ``torch`` backend is the referen
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from ganops import _backend, _ext
+from ganops._checks import check_number
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,19 +76,6 @@ def _alpha_per_sample(alpha, real: torch.Tensor) -> torch.Tensor:
     return alpha.reshape(n).to(real.dtype)
 
 
-def _check_number(value, name: str, minimum: float | None = None) -> float:
-    if isinstance(value, torch.Tensor) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x) or (minimum is not None and x < minimum):
-        bound = f" and >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name} must be finite{bound}, got {value!r}")
-    return x
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -103,7 +90,7 @@ def _inv_scale_tensor(inv_scale, grads: torch.Tensor) -> torch.Tensor | None:
         if inv_scale.device != grads.device:
             raise ValueError(f"inv_scale must be on grads' device {grads.device}, got {inv_scale.device}")
         return inv_scale.detach().reshape(()).to(_acc_dtype(grads.dtype))
-    value = _check_number(inv_scale, "inv_scale", minimum=0.0)
+    value = check_number(inv_scale, "inv_scale", minimum=0.0)
     return torch.tensor(value, dtype=_acc_dtype(grads.dtype), device=grads.device)
 
 
@@ -322,8 +309,8 @@ def gradient_norm_penalty(grads: torch.Tensor, *, center: float = 1.0, one_sided
     gradients taken of a loss-scaled output. At ‖grads_i‖ = 0 the gradient is 0, never NaN.
     """
     _check_samples(grads, "grads")
-    center = _check_number(center, "center")
-    weight = _check_number(weight, "weight")
+    center = check_number(center, "center")
+    weight = check_number(weight, "weight")
     if not isinstance(one_sided, bool):
         raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
     scale = _inv_scale_tensor(inv_scale, grads)
@@ -428,7 +415,7 @@ def r1_penalty(critic, real: torch.Tensor, *, gamma: float = 10.0, scaler: torch
     """
     _check_samples(real, "real")
     _check_scaler(scaler)
-    gamma = _check_number(gamma, "gamma")
+    gamma = check_number(gamma, "gamma")
     with torch.enable_grad():
         x = real if real.requires_grad else real.detach().requires_grad_(True)
         grads, inv_scale = _input_gradient(critic, x, scaler)

@@ -24,12 +24,12 @@ below, torch's own parametrization math.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ganops import _backend, _ext
+from ganops._checks import check_number
 from ganops._dtensor import is_dtensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,13 +57,7 @@ def check_n_power_iterations(n) -> int:
 
 
 def check_eps(eps) -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a number, got {eps!r}") from None
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    return value
+    return check_number(eps, "eps", minimum=0.0)
 
 
 def check_weight(weight, name: str = "weight") -> None:
