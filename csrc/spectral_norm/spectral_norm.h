@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 #include <ganops/checks.h>
 #include <ganops/block.h>
 #include <ganops/common.h>
@@ -210,6 +211,17 @@ inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
               sigma_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
               sigma.scalar_type());
   check_same_device(sigma, "sigma", weight, "weight");
+}
+
+// The forward's outputs, alike for the CPU and CUDA kernels. u, v were iterated in place in
+// uc, vc (contiguous copies when the buffers were not); write those back. The vectors this
+// step used are returned as copies: autograd keeps them while the buffers move on.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_result(
+    at::Tensor& u, const at::Tensor& uc, at::Tensor& v, const at::Tensor& vc, const at::Tensor& out,
+    const at::Tensor& sigma) {
+  if (!uc.is_same(u)) u.copy_(uc);
+  if (!vc.is_same(v)) v.copy_(vc);
+  return {out, sigma, uc.clone(), vc.clone()};
 }
 
 // The backward's inputs, checked alike by the CPU and CUDA kernels; returns the matrix view.

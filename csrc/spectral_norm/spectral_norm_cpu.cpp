@@ -305,9 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
     at::parallel_for(0, s.numel(), kGrainElements,
                      [&](int64_t begin, int64_t end) { leaves.scale_range(wp + begin, end - begin, inv, op + begin); });
   });
-  if (!uc.is_same(u)) u.copy_(uc);
-  if (!vc.is_same(v)) v.copy_(vc);
-  return {out, sigma, uc.clone(), vc.clone()};
+  return forward_result(u, uc, v, vc, out, sigma);
 }
 
 at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,

@@ -146,9 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
                                                                                  out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (!uc.is_same(u)) u.copy_(uc);
-  if (!vc.is_same(v)) v.copy_(vc);
-  return {out, sigma, uc.clone(), vc.clone()};
+  return forward_result(u, uc, v, vc, out, sigma);
 }
 
 at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
