@@ -454,3 +454,394 @@ def test_build_info():
         assert key in info
     if info["cuda_kernels"]:
         assert "9.0" in info["cuda_arch_list"]
+
+
+# ---------------------------------------------------------------------------------------
+# Edge arguments and special values, every backend against torch
+# ---------------------------------------------------------------------------------------
+
+TORCH_NONFINITE_MESSAGE = (r"The total norm of order {p} for gradients from `parameters` is non-finite, so "
+                           r"it cannot be clipped\. To disable this error and scale the gradients by the "
+                           r"non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def grads_of(params):
+    return [p.grad for p in params]
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("max_norm", [math.inf, 1e300, 3.5e38, 1e38])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_max_norm_past_float32_range_gives_torch_numbers(device, backend, max_norm, dtype):
+    # Past float32's range the Triton launcher once split max_norm into float32 halves,
+    # and inf - inf made every gradient NaN. torch clamps the coefficient to 1.
+    shapes = [(7,), (33, 5)]
+    for fn in ("clip_grad_norm_", "get_total_norm+clip_grads_with_norm_"):
+        params, ref = make_params(shapes, device, dtype, scale=50.0), make_params(shapes, device, dtype, scale=50.0)
+        ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        if fn == "clip_grad_norm_":
+            total = ganops.clip_grad_norm_(params, max_norm, backend=backend)
+        else:
+            total = ganops.get_total_norm(grads_of(params), backend=backend)
+            ganops.clip_grads_with_norm_(params, max_norm, total, backend=backend)
+        assert torch.isfinite(total).all()
+        torch.testing.assert_close(total.double(), ref_total.double(), **tol(dtype))
+        for p, r in zip(params, ref):
+            assert torch.equal(p.grad, r.grad), f"{fn}: max_norm={max_norm} must leave the gradients as they are"
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("norm_type", [0.5, 1.0, 2.0, 3.5, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf_anywhere_reach_the_norm(device, backend, norm_type, dtype):
+    # The Triton Lp term once masked with x > 0, which drops NaN: a NaN among finite values
+    # gave a finite norm, and an all-NaN gradient a norm of 0.
+    cases = {
+        "one NaN": ([1.0, math.nan, 2.0], math.nan),
+        "all NaN": ([math.nan] * 5, math.nan),
+        "one inf": ([1.0, -math.inf, 2.0], math.inf),
+        "NaN and inf": ([math.inf, math.nan], math.nan),
+    }
+    for name, (values, expected) in cases.items():
+        g = torch.tensor(values, dtype=dtype, device=device)
+        total = ganops.get_total_norm([torch.ones(3, dtype=dtype, device=device), g], norm_type, backend=backend)
+        ref = torch.nn.utils.get_total_norm([torch.ones(3, dtype=dtype, device=device), g], norm_type)
+        if math.isnan(expected):
+            assert torch.isnan(total) and torch.isnan(ref), f"{name}, p={norm_type}: got {total}"
+        else:
+            assert total.item() == expected == ref.item(), f"{name}, p={norm_type}: got {total}"
+        p = torch.nn.Parameter(torch.zeros(len(values), dtype=dtype, device=device))
+        p.grad = g.clone()
+        with pytest.raises(RuntimeError, match=TORCH_NONFINITE_MESSAGE.format(p=float(norm_type))):
+            ganops.clip_grad_norm_([p], 1.0, norm_type, error_if_nonfinite=True, backend=backend)
+        assert torch.equal(p.grad.nan_to_num(), g.nan_to_num()), "the gradients must be left untouched"
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("norm_type", [0.5, 3.5])
+def test_lp_norm_float64_matches_an_exact_reference(device, backend, norm_type):
+    g = torch.randn(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    total = ganops.get_total_norm([g], norm_type, backend=backend)
+    torch.testing.assert_close(total.cpu(), exact_norm([g], norm_type), **tol(torch.float64))
+
+
+def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
+    # Float arguments reach a compiled Triton kernel as float32: p = 2.3 would become
+    # 2.29999995 and the float64 norm would be off by ~1e-8. The launchers send doubles as
+    # their int64 bit patterns; check what they pass.
+    pytest.importorskip("triton")
+    import struct
+    from ganops.triton_kernels import clip_grad_norm as kernels
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.setdefault(self.name, []).append(args)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_chunk_partial_kernel", "_finish_kernel", "_chunk_scale_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
+    g = torch.randn(100, dtype=torch.float64)
+    kernels.clip_grad_norm_([g], 0.123456789012345678, 2.3)
+
+    def as_double(bits):
+        assert isinstance(bits, int), f"a float argument would arrive as float32: {bits!r}"
+        return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+    assert as_double(seen["_chunk_partial_kernel"][0][5]) == 2.3
+    assert as_double(seen["_finish_kernel"][0][5]) == 1.0 / 2.3
+    assert as_double(seen["_chunk_scale_kernel"][0][5]) == 0.123456789012345678
+
+
+# ---------------------------------------------------------------------------------------
+# Argument errors: before any kernel runs, the same on every backend
+# ---------------------------------------------------------------------------------------
+
+def _bad_gradient_calls(backend):
+    """(name, call, message) of calls that must raise TypeError and touch no gradient."""
+    good = torch.nn.Parameter(torch.zeros(4))
+    good.grad = torch.full((4,), 3.0)
+    ints = torch.zeros(3, dtype=torch.int64)
+    ints.grad = torch.arange(3)
+    params = [good, ints]
+    return params, [
+        ("clip_grad_norm_", lambda: ganops.clip_grad_norm_(params, 1.0, backend=backend)),
+        ("clip_grad_norm_ nonfinite", lambda: ganops.clip_grad_norm_(params, 1.0, error_if_nonfinite=True,
+                                                                     backend=backend)),
+        ("clip_grads_with_norm_", lambda: ganops.clip_grads_with_norm_(params, 1.0, torch.tensor(100.0),
+                                                                       backend=backend)),
+        ("clip_grad_value_", lambda: ganops.clip_grad_value_(params, 0.5, backend=backend)),
+        ("grad_norm", lambda: ganops.grad_norm(params, backend=backend)),
+    ]
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+def test_non_float_gradient_raises_the_same_error_everywhere(device, backend):
+    # The fused Triton clip once skipped an int64 gradient and clipped the others.
+    params, calls = _bad_gradient_calls(backend)
+    for name, call in calls:
+        with pytest.raises(TypeError, match=r"parameters' gradients\[1\] has dtype torch.int64; ganops supports "
+                                            r"float16, bfloat16, float32 and float64 gradients"):
+            call()
+        assert torch.equal(params[0].grad, torch.full((4,), 3.0)), f"{name} touched a gradient before raising"
+        assert torch.equal(params[1].grad, torch.arange(3))
+
+
+def test_triton_launchers_check_every_tensor_before_launching():
+    pytest.importorskip("triton")
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    a = torch.full((4,), 3.0)
+    with pytest.raises(RuntimeError, match="one device"):
+        kernels.clip_grad_norm_([a, torch.ones(4, device="meta")], 1.0, 2.0)
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64, got torch.int64"):
+        kernels.multi_tensor_clamp_([a, torch.arange(3)], 1.0)
+    with pytest.raises(RuntimeError, match="dense"):
+        kernels.multi_tensor_norm([a, torch.ones(4).to_sparse()], 2.0, False)
+    assert torch.equal(a, torch.full((4,), 3.0))
+
+
+def test_triton_launch_makes_the_tensors_device_current():
+    # Triton launches on the current device and its stream: tensors on cuda:1 with cuda:0
+    # current would be read through the wrong context.
+    pytest.importorskip("triton")
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    guard = kernels._on(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(kernels._on(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_tensors_on_a_device_that_is_not_current(backend):
+    params = make_params([(1000,), (7, 3)], "cuda:1")
+    originals = [p.grad.double().cpu() for p in params]
+    with torch.cuda.device(0):
+        total = ganops.clip_grad_norm_(params, 1.0, backend=backend)
+        ganops.clip_grad_value_(params, 0.01, backend=backend)
+    truth = exact_norm(originals, 2.0)
+    torch.testing.assert_close(total.double().cpu(), truth, **tol(torch.float32))
+    for p, o in zip(params, originals):
+        torch.testing.assert_close(p.grad.double().cpu(), (o * expected_coef(truth, 1.0)).clamp(-0.01, 0.01),
+                                   **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------
+# Several devices: the order of the per-tensor norms, host copies
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+def test_per_tensor_norms_come_back_in_order_from_device_groups(device, backend, monkeypatch):
+    # Without a second device, split one device's tensors into interleaved groups the way
+    # several devices would be: the norms must land at their tensors' places.
+    params = make_params([(5,), (3, 3), (40000,), (2,), (7,), (1,)], device)
+    groups = {"a": [0, 2, 3], "b": [1, 4], "c": [5]}
+    monkeypatch.setattr(hub, "_by_device", lambda tensors: groups if len(tensors) == 6 else {"x": list(range(len(tensors)))})
+    total, per = ganops.grad_norm(params, per_tensor=True, backend=backend)
+    for k, p in enumerate(params):
+        torch.testing.assert_close(per[k].double(), exact_norm([p.grad], 2.0), **tol(torch.float32))
+    torch.testing.assert_close(total.double(), exact_norm(grads_of(params), 2.0), **tol(torch.float32))
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_cuda_total_scales_cpu_gradients_after_it_arrives(backend):
+    # The CPU kernels read the total right away: a non-blocking device-to-host copy raced
+    # with them. Keep the GPU busy so that a racing read would see the copy unfinished.
+    cpu = make_params([(1000,)], "cpu")
+    original = cpu[0].grad.clone()
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(3):
+        big = big @ big / 64
+    total = (big.sum() * 0 + 100.0).double()
+    ganops.clip_grads_with_norm_(cpu, 1.0, total, backend=backend)
+    torch.testing.assert_close(cpu[0].grad, original * (1.0 / (100.0 + 1e-6)), **tol(torch.float32))
+    gpu = make_params([(3000,)], "cuda", seed=2)
+    params = cpu + gpu
+    originals = [p.grad.double().cpu() for p in params]
+    total = ganops.clip_grad_norm_(params, 1.0, backend=backend)
+    truth = exact_norm(originals, 2.0)
+    for p, o in zip(params, originals):
+        torch.testing.assert_close(p.grad.double().cpu(), o * expected_coef(truth, 1.0), **tol(torch.float32))
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_clip_replays_in_a_cuda_graph_after_the_staging_memory_is_reused(backend):
+    params = make_params([(3000,), (17, 5), (40000,)], "cuda")
+    grads = grads_of(params)
+    start = [g.clone() for g in grads]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (compilation, allocator) outside the capture
+            for g, s in zip(grads, start):
+                g.copy_(s)
+            ganops.clip_grad_norm_(params, 1.0, backend=backend)
+            ganops.clip_grad_value_(params, 0.001, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = ganops.clip_grad_norm_(params, 1.0, backend=backend)
+        ganops.clip_grad_value_(params, 0.001, backend=backend)
+    # Churn the pinned host allocator: freed staging blocks get reused and overwritten.
+    for _ in range(20):
+        junk = torch.full((1 << 16,), -1, dtype=torch.int64).pin_memory()
+        junk.to("cuda", non_blocking=True)
+        del junk
+    torch.cuda.synchronize()
+    for g, s in zip(grads, start):
+        g.copy_(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    truth = exact_norm([s.double().cpu() for s in start], 2.0)
+    torch.testing.assert_close(total.double().cpu(), truth, **tol(torch.float32))
+    for g, s in zip(grads, start):
+        expected = (s.double().cpu() * expected_coef(truth, 1.0)).clamp(-0.001, 0.001)
+        torch.testing.assert_close(g.double().cpu(), expected, **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------
+# torch's behaviour as the contract: the empty-generator warning, the error wording
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+def test_exhausted_generator_warns_like_torch(device, backend):
+    params = make_params([(3,)])
+    gen = (p for p in params)
+    list(gen)
+    with pytest.warns(UserWarning, match=r"^`parameters` is an empty generator, no gradient clipping will occur\.$") as rec:
+        total = ganops.clip_grad_norm_(gen, 1.0, backend=backend)
+    assert rec[0].filename == __file__, "the warning must point at the caller's line"
+    assert total.item() == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ganops.clip_grad_norm_([], 1.0, backend=backend)           # an empty list is no mistake: silent
+        ganops.clip_grad_norm_((p for p in params), 1.0, backend=backend)  # a live generator: silent
+        ganops.clip_grad_value_((p for p in []), 1.0, backend=backend)     # torch warns in clip_grad_norm_ only
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+@pytest.mark.parametrize("norm_type", [2, 3.5, "inf"])
+def test_nonfinite_error_uses_torchs_words(device, backend, norm_type):
+    for fn in (torch.nn.utils.clip_grad_norm_, lambda *a, **k: ganops.clip_grad_norm_(*a, **k, backend=backend)):
+        p = make_params([(4,)])
+        p[0].grad[2] = math.inf
+        with pytest.raises(RuntimeError, match="^" + TORCH_NONFINITE_MESSAGE.format(p=float(norm_type)) + "$"):
+            fn(p, 1.0, norm_type, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="^" + TORCH_NONFINITE_MESSAGE.format(p=float(norm_type)) + "$"):
+        ganops.get_total_norm([torch.tensor([math.nan])], norm_type, error_if_nonfinite=True, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------
+# The behaviours PyTorch's own clip tests check, in our words
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("norm_type", [0.5, 1.5, 2, 4, "inf"])
+def test_clipped_norm_equals_max_norm_and_scale_is_uniform(device, backend, norm_type):
+    p_float = float(norm_type)
+    w = torch.nn.Parameter(torch.zeros(10, 10, dtype=torch.float64, device=device))
+    b = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64, device=device))
+    w.grad = torch.linspace(1, 100, 100, dtype=torch.float64, device=device).view(10, 10)
+    b.grad = torch.full((10,), 1e-3, dtype=torch.float64, device=device)
+    before = [w.grad.clone(), b.grad.clone()]
+    norm_before = exact_norm(before, p_float)
+    total = ganops.clip_grad_norm_(iter([w, b]), 2.0, norm_type, backend=backend)
+    torch.testing.assert_close(total.cpu(), norm_before, **tol(torch.float64))
+    torch.testing.assert_close(exact_norm([w.grad, b.grad], p_float), torch.tensor(2.0, dtype=torch.float64),
+                               rtol=1e-6, atol=0)  # 2 / (norm + 1e-6) * norm, 1e-6 off 2
+    ratios = torch.cat([(w.grad / before[0]).flatten(), (b.grad / before[1]).flatten()])
+    # Every element scaled by the same coefficient (x * c / x is c to a rounding or two).
+    torch.testing.assert_close(ratios, ratios[0].expand_as(ratios), **tol(torch.float64))
+    # Small gradients stay as they are, bit for bit.
+    w.grad, b.grad = before[0] / 1e7, before[1] / 1e3
+    small = [w.grad.clone(), b.grad.clone()]
+    ganops.clip_grad_norm_([w, b], 2.0, norm_type, backend=backend)
+    assert torch.equal(w.grad, small[0]) and torch.equal(b.grad, small[1])
+    # A lone tensor is a list of one.
+    x, y = torch.zeros(10, 10, device=device), torch.zeros(10, 10, device=device)
+    x.grad = torch.arange(1.0, 101.0, device=device).view(10, 10)
+    y.grad = x.grad.clone()
+    ganops.clip_grad_norm_(x, 2.0, norm_type, backend=backend)
+    ganops.clip_grad_norm_([y], 2.0, norm_type, backend=backend)
+    assert torch.equal(x.grad, y.grad)
+
+
+# ---------------------------------------------------------------------------------------
+# clip_grad_value_
+# ---------------------------------------------------------------------------------------
+
+def clamp_reference(g, clip_value):
+    """Independent float64 truth of torch's clamp_min(-c) then clamp_max(c), NaN kept."""
+    x = g.detach().double().cpu()
+    x = torch.where(x < -clip_value, torch.full_like(x, -clip_value), x)
+    return torch.where(x > clip_value, torch.full_like(x, clip_value), x)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clip_value", [0.0, 0.3, 2.5, 1e300, math.inf])
+def test_clip_grad_value_matches_torch_and_float64(device, backend, dtype, clip_value):
+    shapes = [(7,), (33, 5), (0,), (40000,)]
+    params, ref = make_params(shapes, device, dtype, scale=3.0), make_params(shapes, device, dtype, scale=3.0)
+    for ps in (params, ref):
+        ps[0].grad[1], ps[0].grad[2], ps[0].grad[3] = math.nan, math.inf, -math.inf
+    originals = [p.grad.clone() for p in params]
+    assert ganops.clip_grad_value_(params, clip_value, backend=backend) is None
+    # torch refuses a finite clip_value past the dtype's range ("cannot be converted ...
+    # without overflow"); ganops clamps by it, which changes nothing finite.
+    torch_refuses = math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max
+    if not torch_refuses:
+        torch.nn.utils.clip_grad_value_(ref, clip_value)
+    for p, r, o in zip(params, ref, originals):
+        assert p.grad.dtype == dtype
+        assert torch.equal(p.grad.isnan(), o.isnan()), "NaN must stay NaN, as torch.clamp_ leaves it"
+        if not torch_refuses:
+            torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0, equal_nan=True)
+        expected = clamp_reference(o, clip_value).to(dtype)
+        torch.testing.assert_close(p.grad.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+def test_clip_grad_value_api(device, backend):
+    # Generators, parameters without .grad, a lone tensor, mixed dtypes, non-contiguous
+    # gradients, and torch's answer for a negative clip_value (everything becomes it).
+    w = torch.nn.Parameter(torch.zeros(10, 10))
+    b = torch.nn.Parameter(torch.zeros(10))
+    w.grad = torch.arange(-50.0, 50.0).view(10, 10).t() / 5  # non-contiguous
+    expected_w = clamp_reference(w.grad, 2.5).float()
+    ganops.clip_grad_value_((p for p in [w, b]), 2.5, backend=backend)  # b has no grad: skipped
+    assert b.grad is None
+    assert torch.equal(w.grad, expected_w)
+    x, y = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float16)
+    x.grad = torch.tensor([-3.0, -0.5, 0.5, 3.0], dtype=torch.float64)
+    y.grad = torch.tensor([-3.0, -0.5, 0.5, 3.0], dtype=torch.float16)
+    ganops.clip_grad_value_(x, 1.0, backend=backend)
+    ganops.clip_grad_value_([y], 1.0, backend=backend)
+    assert x.grad.tolist() == [-1.0, -0.5, 0.5, 1.0] and y.grad.tolist() == [-1.0, -0.5, 0.5, 1.0]
+    neg, ref = make_params([(6,)]), make_params([(6,)])
+    ganops.clip_grad_value_(neg, -0.5, backend=backend)
+    torch.nn.utils.clip_grad_value_(ref, -0.5)
+    assert torch.equal(neg[0].grad, ref[0].grad)
+    ganops.clip_grad_value_([], 1.0, backend=backend)
+    with pytest.raises(ValueError, match="clip_value"):
+        ganops.clip_grad_value_(neg, math.nan, backend=backend)
+    with pytest.raises(TypeError, match="clip_value"):
+        ganops.clip_grad_value_(neg, "big", backend=backend)
+    with pytest.raises(TypeError, match="parameters"):
+        ganops.clip_grad_value_(3.0, 1.0, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+def test_clip_grad_value_opcheck(device, backend):
+    if backend == "torch":
+        pytest.skip("the torch backend is no registered op")
+    op = torch.ops.ganops.multi_tensor_clamp_ if backend == "cpp" else torch.ops.ganops.multi_tensor_clamp_triton_
+    tensors = [torch.randn(40000) * 3, torch.randn(7, dtype=torch.float64), torch.randn(5, 5).t()]
+    torch.library.opcheck(op, (tensors, 1.5))

@@ -1,14 +1,22 @@
-"""Triton kernels of the multi-tensor norm and scale behind ganops.clip_grad_norm_.
+"""Triton kernels of the multi-tensor norm, scale and clamp behind ganops.clip_grad_norm_
+and ganops.clip_grad_value_.
 
 Parallel in structure to csrc/clip_grad_norm/clip_grad_norm_cuda.cu: the same chunk
 tables (one int64 buffer of data pointers, per-tensor chunk ranges and per-chunk
 tensor/offset/length), one program per chunk for the partials, one finishing program that
-combines them in a fixed order, and a scale kernel that reads the clip coefficient's
-inputs from device memory. Launches: one per grad dtype for the partials, one finishing;
-one per dtype for the scale.
+combines them in a fixed order, and in-place kernels (scale, clamp) that walk the same
+chunks. Launches: one per grad dtype for the partials, one finishing; one per dtype for the
+scale or the clamp.
+
+Float arguments reach a compiled Triton kernel as float32, so the float64 numbers (p, 1/p,
+max_norm, clip_value) travel as the int64 bit patterns of doubles and are reinterpreted on
+the device (``_f64``): nothing is rounded on the way in.
 """
 
 from __future__ import annotations
+
+import contextlib
+import struct
 
 import torch
 import triton
@@ -28,11 +36,51 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
+# Doubles at or past this round to infinity in float32 (2^128 - 2^103, half an ulp past
+# float32's largest value).
+_FLOAT32_OVERFLOW = 3.4028235677973366e38
+
 
 def norm_kind(norm_type: float) -> int:
     if norm_type == float("inf"):
         return LINF
     return {1.0: L1, 2.0: L2}.get(norm_type, LP)
+
+
+def _bits(x: float, dtype: torch.dtype) -> int:
+    """The int64 bit pattern of the double x, for a kernel that computes in ``dtype``.
+
+    For float32 kernels a magnitude past float32's range is sent as infinity, which is what
+    the device's float64-to-float32 conversion would give anyway; done here it keeps the
+    interpreter's numpy cast from warning about the overflow.
+    """
+    if dtype != torch.float64 and abs(x) >= _FLOAT32_OVERFLOW:
+        x = float("inf") if x > 0 else float("-inf")
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+@triton.jit
+def _f64(bits):
+    # Small bit patterns arrive as int32: widen (non-negative or sign-extended, the same
+    # 64 bits), then reinterpret as a double.
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _chunk(table_ptr, n_tensors, n_chunks, c, DTYPE: tl.constexpr):
+    """Chunk c of the tables: (pointer to its first element, its length)."""
+    k = tl.load(table_ptr + 3 * n_tensors + c)
+    offset = tl.load(table_ptr + 3 * n_tensors + n_chunks + c)
+    length = tl.load(table_ptr + 3 * n_tensors + 2 * n_chunks + c)
+    return tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)) + offset, length
+
+
+@triton.jit
+def _pow_nonneg(a, e):
+    # a^e for a >= 0 (or NaN) and e > 0, as exp2(e log2 a). Zero is kept out of log2 and
+    # gives 0; NaN and inf go through log2 and come out NaN and inf, as pow gives them.
+    zero = a == 0
+    return tl.where(zero, 0.0, tl.exp2(e * tl.log2(tl.where(zero, 1.0, a))))
 
 
 @triton.jit
@@ -41,9 +89,7 @@ def _norm_term(x, KIND: tl.constexpr, P):
     if KIND == 1:
         return x * x
     elif KIND == 3:
-        # |x|^p for p > 0, as exp2(p log2|x|); zeros kept out of log2.
-        positive = ax > 0
-        return tl.where(positive, tl.exp2(P * tl.log2(tl.where(positive, ax, 1.0))), 0.0)
+        return _pow_nonneg(ax, P)
     else:
         return ax
 
@@ -70,7 +116,7 @@ def _reduce(values, KIND: tl.constexpr):
 
 
 @triton.jit
-def _finish(total, KIND: tl.constexpr, P):
+def _finish(total, KIND: tl.constexpr, INV_P):
     if KIND == 1:
         # tl.sqrt is approximate in float32; sqrt_rn rounds correctly (float32 only).
         if total.dtype == tl.float32:
@@ -78,33 +124,31 @@ def _finish(total, KIND: tl.constexpr, P):
         else:
             return tl.sqrt(total)
     elif KIND == 3:
-        positive = total > 0
-        return tl.where(positive, tl.exp2(tl.log2(tl.where(positive, total, 1.0)) / P), 0.0)
+        return _pow_nonneg(total, INV_P)
     else:
         return total
 
 
 @triton.jit
-def _chunk_partial_kernel(table_ptr, n_tensors, n_chunks, first_chunk, partials_ptr, P,
+def _chunk_partial_kernel(table_ptr, n_tensors, n_chunks, first_chunk, partials_ptr, p_bits,
                           KIND: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr):
     c = first_chunk + tl.program_id(0)
-    k = tl.load(table_ptr + 3 * n_tensors + c)
-    offset = tl.load(table_ptr + 3 * n_tensors + n_chunks + c)
-    length = tl.load(table_ptr + 3 * n_tensors + 2 * n_chunks + c)
-    chunk = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)) + offset
+    chunk, length = _chunk(table_ptr, n_tensors, n_chunks, c, DTYPE)
+    p = _f64(p_bits).to(ACC)
     acc = tl.zeros([BLOCK], ACC)
     for start in range(0, length, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         x = tl.load(chunk + idx, mask=idx < length, other=0).to(ACC)
-        acc = _combine(acc, _norm_term(x, KIND, P), KIND)
+        acc = _combine(acc, _norm_term(x, KIND, p), KIND)
     tl.store(partials_ptr + c, _reduce(acc, KIND).to(partials_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _finish_kernel(table_ptr, n_tensors, partials_ptr, per_tensor_ptr, total_ptr, P,
+def _finish_kernel(table_ptr, n_tensors, partials_ptr, per_tensor_ptr, total_ptr, inv_p_bits,
                    KIND: tl.constexpr, PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
     out_ty = partials_ptr.dtype.element_ty
+    inv_p = _f64(inv_p_bits).to(out_ty)
     total = tl.zeros([BLOCK], out_ty)
     for start in range(0, n_tensors, BLOCK):
         k = start + tl.arange(0, BLOCK)
@@ -116,26 +160,27 @@ def _finish_kernel(table_ptr, n_tensors, partials_ptr, per_tensor_ptr, total_ptr
             part = tl.load(partials_ptr + first + j, mask=j < count, other=0)
             acc = _combine(acc, part, KIND)
         if PER_TENSOR:
-            tl.store(per_tensor_ptr + k, _finish(acc, KIND, P), mask=in_range)
+            tl.store(per_tensor_ptr + k, _finish(acc, KIND, inv_p), mask=in_range)
         total = _combine(total, acc, KIND)
-    tl.store(total_ptr, _finish(_reduce(total, KIND), KIND, P))
+    tl.store(total_ptr, _finish(_reduce(total, KIND), KIND, inv_p))
 
 
 @triton.jit
-def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, max_norm_hi,
-                        max_norm_lo, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, max_norm_bits,
+                        DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     total = tl.load(total_ptr)
-    # Float arguments arrive as float32; hi + lo carries a float64 max_norm to ~48 bits.
-    max_norm = tl.cast(max_norm_hi, total.dtype) + tl.cast(max_norm_lo, total.dtype)
-    coef = max_norm / (total + 1e-6)
+    max_norm = _f64(max_norm_bits).to(total.dtype)
+    # torch.nn.utils.clip_grads_with_norm_'s coefficient, in the norm's dtype; correctly
+    # rounded division in float32 (the plain '/' is approximate there). A NaN coefficient
+    # stays NaN through the clamp, as torch.clamp leaves it; max_norm = inf gives inf, then 1.
+    if total.dtype == tl.float32:
+        coef = tl.div_rn(max_norm, total + 1e-6)
+    else:
+        coef = max_norm / (total + 1e-6)
     coef = tl.where(coef > 1, 1, coef).to(total.dtype)
     # Multiplying by exactly 1 changes no value: leave the chunk unread and unwritten.
     if coef != 1:
-        c = first_chunk + tl.program_id(0)
-        k = tl.load(table_ptr + 3 * n_tensors + c)
-        offset = tl.load(table_ptr + 3 * n_tensors + n_chunks + c)
-        length = tl.load(table_ptr + 3 * n_tensors + 2 * n_chunks + c)
-        chunk = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)) + offset
+        chunk, length = _chunk(table_ptr, n_tensors, n_chunks, first_chunk + tl.program_id(0), DTYPE)
         scale = coef.to(ACC)
         for start in range(0, length, BLOCK):
             idx = start + tl.arange(0, BLOCK)
@@ -144,11 +189,82 @@ def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, 
             tl.store(chunk + idx, (x * scale).to(DTYPE), mask=mask)
 
 
+@triton.jit
+def _chunk_clamp_kernel(table_ptr, n_tensors, n_chunks, first_chunk, lo_bits, hi_bits,
+                        DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    lo = _f64(lo_bits).to(ACC)
+    hi = _f64(hi_bits).to(ACC)
+    chunk, length = _chunk(table_ptr, n_tensors, n_chunks, first_chunk + tl.program_id(0), DTYPE)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < length
+        x = tl.load(chunk + idx, mask=mask, other=0).to(ACC)
+        # clamp_min then clamp_max, as torch.nn.utils.clip_grad_value_: NaN fails both
+        # comparisons and stays NaN; with hi < lo everything becomes hi, as in torch.
+        x = tl.where(x < lo, lo, x)
+        x = tl.where(x > hi, hi, x)
+        tl.store(chunk + idx, x.to(DTYPE), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------
+
 _GROUP_ORDER = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _tables(tensors: list[torch.Tensor], device: torch.device):
-    """The chunk tables of clip_grad_norm.h's build_tables, chunks numbered dtype by dtype.
+def _on(device: torch.device):
+    """The tensors' device made current around a launch: Triton launches on the current
+    device and its current stream, whatever device the pointers belong to."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _group_by_dtype(tensors: list[torch.Tensor], device: torch.device) -> dict:
+    """{dtype: [k, ...]}, after the checks the compiled kernels make, with their messages;
+    raises before anything is launched. One pass: it runs on every call."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(tensors):
+        if t.layout != torch.strided:
+            raise RuntimeError(f"gradients must be dense (strided) tensors, got {t.layout}")
+        dtype = t.dtype
+        if dtype not in _TL_DTYPES:
+            raise RuntimeError(f"every gradient must be float16, bfloat16, float32 or float64, got {dtype}")
+        if t.device != device:
+            raise RuntimeError(f"gradients must all be on one device, got {device} and {t.device}")
+        groups.setdefault(dtype, []).append(k)
+    return groups
+
+
+# Device tables recorded into CUDA graphs, with the pinned staging they are copied from,
+# keyed by device and contents. A graph replays the captured host-to-device copy from the
+# staging memory every time, so neither may be freed (nor its memory handed out again)
+# while a graph may replay: entries are never evicted. Keying by contents bounds the
+# cache by the number of distinct clip calls captured (recapturing the same call reuses
+# its entry), a handful per program. Outside capture the staging needs no keeping: the
+# caching host allocator holds a pinned block until the copy recorded on it has run.
+_CAPTURED_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _table_on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        key = (device, tuple(values))
+        entry = _CAPTURED_TABLES.get(key)
+        if entry is None:
+            host = torch.tensor(values, dtype=torch.int64).pin_memory()
+            entry = (host, torch.empty(len(values), dtype=torch.int64, device=device))
+            _CAPTURED_TABLES[key] = entry
+        # Copied again in every graph that uses the entry, so each graph fills the table
+        # itself instead of relying on another graph having run.
+        entry[1].copy_(entry[0], non_blocking=True)
+        return entry[1]
+    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
+def _tables(tensors: list[torch.Tensor], device: torch.device, by_dtype: dict):
+    """The chunk tables of clip_grad_norm.h's build_tables, chunks numbered dtype by dtype;
+    ``by_dtype`` is _group_by_dtype's answer for these tensors.
 
     Returns (table on device, n_chunks, [(dtype, first_chunk, count)]).
     """
@@ -157,9 +273,8 @@ def _tables(tensors: list[torch.Tensor], device: torch.device):
     chunk_tensor, chunk_offset, chunk_len, groups = [], [], [], []
     for dtype in _GROUP_ORDER:
         group_first = len(chunk_tensor)
-        for k, t in enumerate(tensors):
-            if t.dtype != dtype:
-                continue
+        for k in by_dtype.get(dtype, ()):
+            t = tensors[k]
             numel = t.numel()
             ptrs[k], first[k] = t.data_ptr(), len(chunk_tensor)
             counts[k] = -(-numel // CHUNK_SIZE)
@@ -169,46 +284,96 @@ def _tables(tensors: list[torch.Tensor], device: torch.device):
                 chunk_len.append(min(CHUNK_SIZE, numel - offset))
         if len(chunk_tensor) > group_first:
             groups.append((dtype, group_first, len(chunk_tensor) - group_first))
-    host = torch.tensor(ptrs + first + counts + chunk_tensor + chunk_offset + chunk_len, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True), len(chunk_tensor), groups
+    table = _table_on_device(ptrs + first + counts + chunk_tensor + chunk_offset + chunk_len, device)
+    return table, len(chunk_tensor), groups
+
+
+class _Work:
+    """The tensors of one call, checked (before anything is copied or launched), made
+    contiguous, and laid out in one device table that every kernel of the call shares."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.device = tensors[0].device
+        by_dtype = _group_by_dtype(tensors, self.device)
+        self.tensors = tensors
+        self.work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        self.out_dtype = torch.float64 if torch.float64 in by_dtype else torch.float32
+        self.table, self.n_chunks, self.groups = _tables(self.work, self.device, by_dtype)
+
+    def write_back(self) -> None:
+        """Non-contiguous tensors were updated in contiguous copies: copy those back."""
+        for t, w in zip(self.tensors, self.work):
+            if w is not t:
+                t.copy_(w)
 
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _norm(w: _Work, norm_type: float, per_tensor: bool):
+    device, out_dtype, n = w.device, w.out_dtype, len(w.work)
+    kind = norm_kind(norm_type)
+    partials = torch.empty(max(w.n_chunks, 1), dtype=out_dtype, device=device)
+    total = torch.empty((), dtype=out_dtype, device=device)
+    per = torch.empty(n if per_tensor else 0, dtype=out_dtype, device=device)
+    inv_p = 1.0 / norm_type  # as the C++ kernels: the reciprocal in double, then rounded
+    with _on(device):
+        for dtype, first, count in w.groups:
+            _chunk_partial_kernel[(count,)](w.table, n, w.n_chunks, first, partials, _bits(norm_type, dtype),
+                                            KIND=kind, DTYPE=_TL_DTYPES[dtype], ACC=_acc_dtype(dtype),
+                                            BLOCK=BLOCK)
+        _finish_kernel[(1,)](w.table, n, partials, per if per_tensor else total, total,
+                             _bits(inv_p, out_dtype), KIND=kind, PER_TENSOR=per_tensor,
+                             BLOCK=FINISH_BLOCK)
+    return total, per
+
+
+def _scale_(w: _Work, total_norm: torch.Tensor, max_norm: float) -> None:
+    max_norm_bits = _bits(max_norm, total_norm.dtype)
+    with _on(w.device):
+        for dtype, first, count in w.groups:
+            _chunk_scale_kernel[(count,)](w.table, len(w.work), w.n_chunks, first, total_norm, max_norm_bits,
+                                          DTYPE=_TL_DTYPES[dtype], ACC=_acc_dtype(dtype), BLOCK=BLOCK)
+
+
 def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float, per_tensor: bool):
     """(total norm, per-tensor norms or an empty tensor); float64 if any input is, else float32."""
-    device = tensors[0].device
-    tensors = [t.contiguous() for t in tensors]
-    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    table, n_chunks, groups = _tables(tensors, device)
-    kind = norm_kind(norm_type)
-    partials = torch.empty(max(n_chunks, 1), dtype=out_dtype, device=device)
-    for dtype, first, count in groups:
-        _chunk_partial_kernel[(count,)](table, len(tensors), n_chunks, first, partials, norm_type,
-                                        KIND=kind, DTYPE=_TL_DTYPES[dtype], ACC=_acc_dtype(dtype),
-                                        BLOCK=BLOCK)
-    total = torch.empty((), dtype=out_dtype, device=device)
-    per = torch.empty(len(tensors) if per_tensor else 0, dtype=out_dtype, device=device)
-    _finish_kernel[(1,)](table, len(tensors), partials, per if per_tensor else total, total, norm_type,
-                         KIND=kind, PER_TENSOR=per_tensor, BLOCK=FINISH_BLOCK)
-    return total, per
+    return _norm(_Work(tensors), norm_type, per_tensor)
 
 
 def multi_tensor_scale_(tensors: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scales every tensor in place by min(max_norm / (total_norm + 1e-6), 1)."""
-    device = tensors[0].device
-    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    table, n_chunks, groups = _tables(work, device)
-    max_norm_hi = float(torch.tensor(max_norm, dtype=torch.float32))
-    max_norm_lo = max_norm - max_norm_hi
-    for dtype, first, count in groups:
-        _chunk_scale_kernel[(count,)](table, len(work), n_chunks, first, total_norm, max_norm_hi,
-                                      max_norm_lo, DTYPE=_TL_DTYPES[dtype], ACC=_acc_dtype(dtype),
-                                      BLOCK=BLOCK)
-    for t, w in zip(tensors, work):
-        if w is not t:
-            t.copy_(w)
+    w = _Work(tensors)
+    _scale_(w, total_norm, max_norm)
+    w.write_back()
+
+
+def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    """The norm, then the scale, over one table: returns the norm before clipping."""
+    w = _Work(grads)
+    total, _ = _norm(w, norm_type, False)
+    _scale_(w, total, max_norm)
+    w.write_back()
+    return total
+
+
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """x rounded to nearest in dtype (inf past its range), as a Python float."""
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+
+
+def multi_tensor_clamp_(tensors: list[torch.Tensor], clip_value: float) -> None:
+    """Clamps every tensor in place to [-clip_value, clip_value] (NaN stays NaN)."""
+    w = _Work(tensors)
+    with _on(w.device):
+        for dtype, first, count in w.groups:
+            # The bounds are rounded to the gradients' dtype here, correctly: a clamped
+            # element is then the bound exactly, whatever rounding the kernel's final
+            # conversion uses (the interpreter truncates to bfloat16). Comparing with the
+            # rounded bound clamps the same elements as comparing with the exact one.
+            _chunk_clamp_kernel[(count,)](w.table, len(w.work), w.n_chunks, first,
+                                          _bits(_rounded(-clip_value, dtype), dtype),
+                                          _bits(_rounded(clip_value, dtype), dtype), DTYPE=_TL_DTYPES[dtype],
+                                          ACC=_acc_dtype(dtype), BLOCK=BLOCK)
+    w.write_back()

@@ -12,6 +12,9 @@ TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // Both of the above in one call: returns the norm, scales in place. One call keeps the
   // per-call cost of passing thousands of tensors from Python down to once.
   m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
+  // Clamps every tensor in place to [-clip_value, clip_value] (clip_grad_value_): the lower
+  // bound first, then the upper one, as torch does; NaN stays NaN.
+  m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
   // Test hook, CPU only: runs the CUDA norm kernels' per-thread functions for every block
   // and thread of the launch the CUDA host code would choose. Returns (times each element
   // was visited, per-tensor norms, total norm).

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace ganops::clip_grad_norm {
@@ -65,13 +66,71 @@ GANOPS_HD Acc norm_finish(Acc total, NormSpec s) {
   }
 }
 
+// A double argument in the kernels' arithmetic type. Doubles past float32's range become
+// +-inf for float (what the hardware conversion gives; a plain cast of such a value is
+// undefined behaviour in C++): max_norm = 1e300 or inf then clips by a coefficient of 1.
+template <typename Acc>
+GANOPS_HD Acc to_acc(double v) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    constexpr double kFloatOverflow = 3.4028235677973366e38;  // rounds to inf in float32
+    if (v >= kFloatOverflow) return Acc(INFINITY);
+    if (v <= -kFloatOverflow) return Acc(-INFINITY);
+  }
+  return static_cast<Acc>(v);
+}
+
 // torch.nn.utils.clip_grads_with_norm_'s coefficient: max_norm / (total + 1e-6), clamped
 // to 1, computed in the norm's dtype. Written so that a NaN norm gives a NaN coefficient,
 // as torch.clamp does, rather than 1.
 template <typename Acc>
 GANOPS_HD Acc clip_coefficient(Acc total_norm, double max_norm) {
-  Acc coef = Acc(max_norm) / (total_norm + Acc(1e-6));
+  Acc coef = to_acc<Acc>(max_norm) / (total_norm + Acc(1e-6));
   return coef > Acc(1) ? Acc(1) : coef;
+}
+
+// The in-place chunk updates (the apex pattern: one chunk walk, a small functor per op).
+// An op binds, once per block (per chunk on the CPU), to an elementwise function in the
+// gradient's accumulation type; identity() lets a chunk be skipped unread and unwritten.
+template <typename Acc>
+struct ScaleBy {
+  Acc coef;
+  GANOPS_HD bool identity() const { return coef == Acc(1); }  // x * 1 changes no value
+  GANOPS_HD Acc operator()(Acc x) const { return x * coef; }
+};
+
+// Scale by the clip coefficient of a norm that lives in the kernel's memory.
+template <typename Tot>
+struct ScaleOp {
+  const Tot* total_norm;
+  double max_norm;
+  template <typename Acc>
+  GANOPS_HD ScaleBy<Acc> bind() const {
+    return {static_cast<Acc>(clip_coefficient(*total_norm, max_norm))};
+  }
+};
+
+// clip_grad_value_: clamp_min to lo, then clamp_max to hi, as torch does it. NaN fails both
+// comparisons and stays NaN; with hi < lo every element becomes hi, as in torch.
+template <typename Acc>
+struct ClampTo {
+  Acc lo, hi;
+  GANOPS_HD bool identity() const { return false; }
+  GANOPS_HD Acc operator()(Acc x) const {
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+  }
+};
+
+struct ClampOp {
+  double clip_value;
+  template <typename Acc>
+  GANOPS_HD ClampTo<Acc> bind() const { return {to_acc<Acc>(-clip_value), to_acc<Acc>(clip_value)}; }
+};
+
+// One element of an in-place update, in the accumulation type and back.
+template <typename T, typename F>
+GANOPS_HD void update_element(T* x, const F& f) {
+  *x = static_cast<T>(f(static_cast<acc_t<T>>(*x)));
 }
 
 // The partial one thread makes from its elements of a chunk.

@@ -121,28 +121,33 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors,
   return norm_impl(contig, tables, make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
 }
 
-// Scales contiguous tensors in place, chunk by chunk in parallel.
-void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const at::Tensor& total_norm,
-                double max_norm) {
-  // The norm is in host memory here, so reading it costs no synchronisation.
-  double coef = 0;
-  AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient", [&] {
-    coef = static_cast<double>(clip_coefficient(total_norm.const_data_ptr<scalar_t>()[0], max_norm));
-  });
-  // Multiplying by exactly 1 changes no value (NaN stays NaN), so skip the pass.
-  if (coef == 1.0) return;
+// Runs an in-place update (ScaleOp, ClampOp) over contiguous tensors, chunk by chunk in
+// parallel: each chunk binds the op for its dtype and walks its elements.
+template <typename Op>
+void update_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const Op& op) {
   const TableView view = table_view(tables.buffer.data(), static_cast<int64_t>(contig.size()), tables.n_chunks);
   at::parallel_for(0, tables.n_chunks, chunk_grain(tables, total_elements(contig)), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const at::Tensor& t = contig[view.chunk_tensor[c]];
-      GANOPS_DISPATCH_FLOATING_TYPES(t.scalar_type(), "multi_tensor_scale_cpu", [&] {
-        using Acc = acc_t<scalar_t>;
-        const Acc scale = static_cast<Acc>(coef);
+      GANOPS_DISPATCH_FLOATING_TYPES(t.scalar_type(), "multi_tensor_update_cpu", [&] {
+        const auto f = op.template bind<acc_t<scalar_t>>();
+        if (f.identity()) return;
         scalar_t* x = t.data_ptr<scalar_t>() + view.chunk_offset[c];
         const int64_t len = view.chunk_len[c];
-        for (int64_t i = 0; i < len; ++i) x[i] = static_cast<scalar_t>(Acc(x[i]) * scale);
+        for (int64_t i = 0; i < len; ++i) update_element(x + i, f);
       });
     }
+  });
+}
+
+// Scales contiguous tensors in place by the clip coefficient of a norm in host memory.
+void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const at::Tensor& total_norm,
+                double max_norm) {
+  AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient", [&] {
+    const ScaleOp<scalar_t> op{total_norm.const_data_ptr<scalar_t>(), max_norm};
+    // Multiplying by exactly 1 changes no value (NaN stays NaN), so skip the pass.
+    if (op.template bind<scalar_t>().identity()) return;
+    update_impl(contig, tables, op);
   });
 }
 
@@ -159,6 +164,14 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   scale_impl(contig, tables, total_norm, max_norm);
+  copy_back(tensors, contig);
+}
+
+void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
+  check_cpu_tensors(tensors);
+  const auto contig = contiguous_all(tensors);
+  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
+  update_impl(contig, tables, ClampOp{clip_value});
   copy_back(tensors, contig);
 }
 
@@ -230,6 +243,7 @@ TORCH_LIBRARY_IMPL(ganops, CPU, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
   m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
+  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cpu);
   m.impl("_multi_tensor_norm_cuda_launch_check", &cuda_launch_check);
 }
 

@@ -1,13 +1,14 @@
 // CUDA kernels of the multi-tensor norm and scale.
 //
 // Launches per call, however many tensors: one host-to-device copy of the tables, one
-// partial-norm kernel per grad dtype present, one finishing kernel; the scale is one kernel
-// per dtype. Block b reduces chunk b (clip_grad_norm.h) into partials[b]; the finishing
+// partial-norm kernel per grad dtype present, one finishing kernel; the scale (and the
+// clamp of clip_grad_value_) is one kernel per dtype. Block b reduces chunk b (clip_grad_norm.h) into partials[b]; the finishing
 // block combines the partials in a fixed order, so the norm is deterministic, and the clip
 // coefficient is read from device memory: nothing waits on the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -43,20 +44,33 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *total = norm_finish(block, s);
 }
 
-template <typename T, typename Tot>
+// Block b updates chunk first_chunk + b in place with the op (ScaleOp, ClampOp of
+// clip_grad_norm.h) bound for T's accumulation type.
+template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads)
-    chunk_scale_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks, int64_t first_chunk,
-                       const Tot* total_norm, double max_norm) {
-  using Acc = acc_t<T>;
-  const Tot coef = clip_coefficient(*total_norm, max_norm);
-  // Multiplying by exactly 1 changes no value: leave the chunk unread and unwritten.
-  if (coef == Tot(1)) return;
+    chunk_update_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks, int64_t first_chunk,
+                        Op op) {
+  const auto f = op.template bind<acc_t<T>>();
+  // An identity (a clip coefficient of exactly 1) leaves the chunk unread and unwritten.
+  if (f.identity()) return;
   const TableView view = table_view(table, n_tensors, n_chunks);
   const int64_t c = first_chunk + blockIdx.x;
   T* chunk = reinterpret_cast<T*>(view.ptrs[view.chunk_tensor[c]]) + view.chunk_offset[c];
-  const Acc scale = static_cast<Acc>(coef);
   for_each_thread_element(view.chunk_len[c], threadIdx.x, kThreads,
-                          [&](int64_t i) { chunk[i] = static_cast<T>(static_cast<Acc>(chunk[i]) * scale); });
+                          [&](int64_t i) { update_element(chunk + i, f); });
+}
+
+// Table values carried in a kernel's parameters: 16 + 8 * 496 = 3984 bytes, under the
+// 4 KB of parameters every architecture accepts.
+constexpr int kUploadValues = 496;
+struct UploadSlice {
+  int64_t offset;
+  int64_t count;
+  int64_t values[kUploadValues];
+};
+
+__global__ void upload_kernel(int64_t* table, UploadSlice slice) {
+  for (int64_t i = threadIdx.x; i < slice.count; i += blockDim.x) table[slice.offset + i] = slice.values[i];
 }
 
 void check_cuda_tensors(at::TensorList tensors) {
@@ -64,11 +78,30 @@ void check_cuda_tensors(at::TensorList tensors) {
   for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
 }
 
-// Copies the tables to the device without blocking the host: pinned staging memory, whose
-// block the caching host allocator keeps until the copy has run.
+// The tables on the device, without blocking the host and safe to capture in a CUDA graph.
+//
+// Eagerly: one copy from pinned staging memory, whose block the caching host allocator
+// keeps until the copy recorded on it has run. Under stream capture that copy would become
+// a graph node that reads the staging block at every replay, long after it was freed and
+// handed out again; so the values travel instead in the parameters of upload kernels
+// (kUploadValues per launch), which the graph stores with its nodes. The device table
+// itself comes from the graph's memory pool, as every temporary of a captured call does.
 at::Tensor tables_on_device(const Tables& tables, const at::Device& device) {
-  at::Tensor staging = at::empty({static_cast<int64_t>(tables.buffer.size())},
-                                 at::TensorOptions().dtype(c10::kLong).pinned_memory(true));
+  const int64_t size = static_cast<int64_t>(tables.buffer.size());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    at::Tensor table = at::empty({std::max<int64_t>(size, 1)}, at::TensorOptions().dtype(c10::kLong).device(device));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    for (int64_t offset = 0; offset < size; offset += kUploadValues) {
+      UploadSlice slice{};
+      slice.offset = offset;
+      slice.count = std::min<int64_t>(kUploadValues, size - offset);
+      std::copy_n(tables.buffer.begin() + offset, slice.count, slice.values);
+      upload_kernel<<<1, 256, 0, stream>>>(table.data_ptr<int64_t>(), slice);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return table;
+  }
+  at::Tensor staging = at::empty({size}, at::TensorOptions().dtype(c10::kLong).pinned_memory(true));
   std::copy(tables.buffer.begin(), tables.buffer.end(), staging.data_ptr<int64_t>());
   return staging.to(device, /*non_blocking=*/true);
 }
@@ -114,8 +147,10 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& cont
   return {total, per};
 }
 
-void scale_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, const Tables& tables,
-                const at::Tensor& total, double max_norm) {
+// One chunk_update_kernel launch per dtype group.
+template <typename Op>
+void update_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, const Tables& tables,
+                 const Op& op) {
   const int64_t n = static_cast<int64_t>(contig.size());
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int g = 0; g < kNumGroups; ++g) {
@@ -126,16 +161,19 @@ void scale_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, 
     for (const auto& t : contig) {
       if (dtype_group(t.scalar_type()) == g) dtype = t.scalar_type();
     }
-    GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_scale_cuda", [&] {
-      using grad_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "multi_tensor_scale_cuda_total", [&] {
-        chunk_scale_kernel<grad_t, scalar_t><<<count, kThreads, 0, stream>>>(
-            table.const_data_ptr<int64_t>(), n, tables.n_chunks, first, total.const_data_ptr<scalar_t>(),
-            max_norm);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_update_cuda", [&] {
+      chunk_update_kernel<scalar_t, Op><<<count, kThreads, 0, stream>>>(
+          table.const_data_ptr<int64_t>(), n, tables.n_chunks, first, op);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+}
+
+void scale_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, const Tables& tables,
+                const at::Tensor& total, double max_norm) {
+  AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "multi_tensor_scale_cuda", [&] {
+    update_impl(contig, table, tables, ScaleOp<scalar_t>{total.const_data_ptr<scalar_t>(), max_norm});
+  });
 }
 
 // Non-contiguous inputs were scaled in contiguous copies: write those back.
@@ -167,6 +205,16 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_nor
   copy_back(tensors, contig);
 }
 
+void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
+  check_cuda_tensors(tensors);
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  const auto contig = contiguous_all(tensors);
+  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
+  const at::Tensor table = tables_on_device(tables, tensors[0].device());
+  update_impl(contig, table, tables, ClampOp{clip_value});
+  copy_back(tensors, contig);
+}
+
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
   check_norm_type(norm_type);
   check_cuda_tensors(grads);
@@ -187,6 +235,7 @@ TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
   m.impl("clip_grad_norm_", &clip_grad_norm_cuda);
+  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cuda);
 }
 
 }  // namespace ganops::clip_grad_norm

@@ -1,4 +1,5 @@
-"""Global gradient-norm clipping: a drop-in for torch.nn.utils.clip_grad_norm_.
+"""Global gradient-norm clipping: a drop-in for torch.nn.utils.clip_grad_norm_ (and for
+clip_grad_value_).
 
     total = (Σ_k ‖g_k‖_p^p)^(1/p)    (max_k ‖g_k‖_∞ for p = inf)
     g_k  ← g_k · min(max_norm / (total + 1e-6), 1)
@@ -11,14 +12,17 @@ gradients accumulate in float32 and their norm comes back in float32 (the result
 float64 if any gradient is float64, else float32); gradients of mixed dtypes and devices
 are fine in one call.
 
-Registered ops: ``ganops::multi_tensor_norm`` / ``ganops::multi_tensor_scale_`` (cpp:
-CPU and CUDA kernels) and ``ganops::multi_tensor_norm_triton`` /
-``ganops::multi_tensor_scale_triton_``. The ``torch`` backend is the reference below.
+Registered ops: ``ganops::multi_tensor_norm`` / ``ganops::multi_tensor_scale_`` /
+``ganops::multi_tensor_clamp_`` (cpp: CPU and CUDA kernels) and their Triton twins
+``ganops::multi_tensor_norm_triton`` / ``ganops::multi_tensor_scale_triton_`` /
+``ganops::multi_tensor_clamp_triton_``. The ``torch`` backend is the reference below.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -66,15 +70,25 @@ def _check_grads(grads: list[torch.Tensor], name: str) -> None:
                             f"float32 and float64 gradients")
 
 
-def _grads_of(parameters) -> list[torch.Tensor]:
-    """The gradients of a tensor or an iterable of tensors, skipping those without one."""
+def _grads_of(parameters, warn_empty_generator: bool = False) -> list[torch.Tensor]:
+    """The gradients of a tensor or an iterable of tensors, skipping those without one.
+
+    With ``warn_empty_generator``, an exhausted (or empty) generator gets the warning
+    torch.nn.utils.clip_grad_norm_ gives: passing ``model.parameters()`` a second time is a
+    common mistake that would otherwise clip nothing silently.
+    """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     elif not isinstance(parameters, Iterable):
         raise TypeError(f"parameters must be a tensor or an iterable of tensors, got "
                         f"{type(parameters).__name__}")
     else:
+        is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
+        if warn_empty_generator and is_generator and not parameters:
+            # stacklevel 3: the caller of the public function, past this helper.
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=3)
     # One attribute read per parameter: with thousands of parameters this loop is a large
     # part of a call, so the per-element type check runs only if it fails.
     grads = []
@@ -127,7 +141,28 @@ def multi_tensor_scale_reference_(tensors: list[torch.Tensor], total_norm: torch
     """Pure-PyTorch in-place scale by min(max_norm / (total_norm + 1e-6), 1)."""
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for t in tensors:
-        t.mul_(coef.to(t.device))
+        t.mul_(_to_device(coef, t.device))
+
+
+def multi_tensor_clamp_reference_(tensors: list[torch.Tensor], clip_value: float,
+                                  foreach: bool | None = None) -> None:
+    """Pure-PyTorch in-place clamp to [-clip_value, clip_value], as clip_grad_value_ does it:
+    the lower bound first, then the upper one (NaN stays NaN)."""
+    use_foreach = foreach if foreach is not None else tensors[0].device.type == "cuda"
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        # torch refuses a bound past the dtype's range; clamping by it changes nothing
+        # finite, as clamping by inf does (the kernels' answer).
+        c = math.inf if abs(clip_value) > torch.finfo(dtype).max else abs(clip_value)
+        c = math.copysign(c, clip_value)
+        if use_foreach:
+            torch._foreach_clamp_min_(group, -c)
+            torch._foreach_clamp_max_(group, c)
+        else:
+            for t in group:
+                t.clamp_(min=-c, max=c)
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,9 +179,14 @@ def _scale_fake(tensors, total_norm, max_norm):
     return None
 
 
+def _clamp_fake(tensors, clip_value):
+    return None
+
+
 if _ext.load():
     torch.library.register_fake("ganops::multi_tensor_norm")(_norm_fake)
     torch.library.register_fake("ganops::multi_tensor_scale_")(_scale_fake)
+    torch.library.register_fake("ganops::multi_tensor_clamp_")(_clamp_fake)
 
 
 @torch.library.custom_op("ganops::multi_tensor_norm_triton", mutates_args=())
@@ -166,9 +206,13 @@ def _multi_tensor_scale_triton_(tensors: list[torch.Tensor], total_norm: torch.T
 @torch.library.custom_op("ganops::clip_grad_norm_triton_", mutates_args=("grads",))
 def _clip_grad_norm_triton_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
     from ganops.triton_kernels import clip_grad_norm as kernels
-    total, _ = kernels.multi_tensor_norm(grads, norm_type, False)
-    kernels.multi_tensor_scale_(grads, total, max_norm)
-    return total
+    return kernels.clip_grad_norm_(grads, max_norm, norm_type)
+
+
+@torch.library.custom_op("ganops::multi_tensor_clamp_triton_", mutates_args=("tensors",))
+def _multi_tensor_clamp_triton_(tensors: list[torch.Tensor], clip_value: float) -> None:
+    from ganops.triton_kernels import clip_grad_norm as kernels
+    kernels.multi_tensor_clamp_(tensors, clip_value)
 
 
 def _clip_fake(grads, max_norm, norm_type):
@@ -178,6 +222,7 @@ def _clip_fake(grads, max_norm, norm_type):
 _multi_tensor_norm_triton.register_fake(_norm_fake)
 _multi_tensor_scale_triton_.register_fake(_scale_fake)
 _clip_grad_norm_triton_.register_fake(_clip_fake)
+_multi_tensor_clamp_triton_.register_fake(_clamp_fake)
 if _ext.load():
     torch.library.register_fake("ganops::clip_grad_norm_")(_clip_fake)
 
@@ -202,9 +247,22 @@ def _device_norm(tensors, norm_type, per_tensor, backend, foreach):
     return multi_tensor_norm_reference(tensors, norm_type, per_tensor, foreach)
 
 
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` (and in ``dtype``), without a host synchronisation where none is needed.
+
+    Between GPUs, and from the host to a GPU, the copy is stream-ordered before every later
+    kernel on the destination, so it need not block. A copy from a GPU to the host must
+    block: the CPU kernels read the value as soon as the copy returns, and a non-blocking
+    copy would let them read it before it has arrived.
+    """
+    if device.type == "cpu" and t.device.type != "cpu":
+        return t.to(device, dtype)
+    return t.to(device, dtype, non_blocking=True)
+
+
 def _device_scale_(tensors, total_norm, max_norm, backend):
     name = _backend.resolve(backend, tensors[0].device)
-    total_norm = total_norm.to(tensors[0].device, non_blocking=True)
+    total_norm = _to_device(total_norm, tensors[0].device)
     if name == "cpp":
         torch.ops.ganops.multi_tensor_scale_(tensors, total_norm, max_norm)
     elif name == "triton":
@@ -223,14 +281,22 @@ def _norms(tensors, norm_type, per_tensor, backend, foreach):
     totals, pieces = [], []
     for idx in groups.values():
         total, per = _device_norm([tensors[k] for k in idx], norm_type, per_tensor, backend, foreach)
-        totals.append(total.to(first, dtype))
-        pieces.append(per.to(first, dtype))
+        totals.append(_to_device(total, first, dtype))
+        pieces.append(_to_device(per, first, dtype))
     total = torch.linalg.vector_norm(torch.stack(totals), norm_type)
     if not per_tensor:
         return total, total.new_empty(0)
+    # The norms arrive device group by device group; put each back at its tensor's place
+    # with one slice copy per run of consecutive tensors on one device (an index tensor
+    # would need a host-to-device copy of the permutation).
     order = [k for idx in groups.values() for k in idx]
+    flat = torch.cat(pieces)
     per = torch.empty(len(tensors), dtype=dtype, device=first)
-    per[torch.tensor(order, device=first)] = torch.cat(pieces)
+    start = 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or order[end] != order[end - 1] + 1:
+            per[order[start]:order[end - 1] + 1] = flat[start:end]
+            start = end
     return total, per
 
 
@@ -298,12 +364,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
-    # The one host synchronisation, and only when the caller asked for the check.
+    # The one host synchronisation, and only when the caller asked for the check. The
+    # wording is torch.nn.utils.clip_grad_norm_'s: code and tests match on it.
     if not bool(torch.isfinite(total)):
         raise RuntimeError(
-            f"The total norm of order {norm_type} of the gradients is non-finite ({total.item()}), "
-            f"so they cannot be clipped. Pass error_if_nonfinite=False to scale them by the "
-            f"non-finite norm anyway.")
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+            f"so it cannot be clipped. To disable this error and scale the gradients by the "
+            f"non-finite norm anyway, set `error_if_nonfinite=False`")
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,6 +414,30 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     _scale_all_(grads, total_norm, max_norm, backend)
 
 
+# What _fused answers when the gradients span several devices.
+_SEVERAL_DEVICES = object()
+
+
+def _fused(op, grads, *args):
+    """``op(grads, *args)``: one compiled or Triton call over every gradient;
+    _SEVERAL_DEVICES where the gradients span several devices (the caller then goes device
+    by device).
+
+    The kernels check every gradient before they touch any (dense, floating, one device)
+    and raise RuntimeError; checking here instead would cost a Python pass over thousands of
+    gradients on every call. On their refusal, _check_grads says what is wrong in the
+    caller's terms, with the message the `torch` backend gives.
+    """
+    try:
+        with torch.no_grad():
+            return op(grads, *args)
+    except RuntimeError:
+        _check_grads(grads, "parameters' gradients")
+        if len(_by_device(grads)) == 1:
+            raise
+        return _SEVERAL_DEVICES
+
+
 def _scale_all_(grads, total_norm, max_norm, backend):
     """Scales gradients (plain or DTensor, on any devices) by the clip coefficient of total_norm."""
     grads = [_local(g) for g in grads]
@@ -367,7 +458,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     ``error_if_nonfinite=True`` a NaN or infinite norm raises RuntimeError (this check is the
     only host synchronisation). ``backend`` picks the implementation (see ganops.use_backend).
     """
-    grads = _grads_of(parameters)
+    grads = _grads_of(parameters, warn_empty_generator=True)
     max_norm = check_number(max_norm, "max_norm", minimum=0.0, finite=False)
     p = _check_norm_type(norm_type)
     if not grads:
@@ -375,16 +466,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     name = _backend.resolve(backend, grads[0].device)
     if name != "torch" and not error_if_nonfinite and not is_dtensor(grads[0]):
         fused = torch.ops.ganops.clip_grad_norm_ if name == "cpp" else torch.ops.ganops.clip_grad_norm_triton_
-        try:
-            with torch.no_grad():
-                return fused(grads, max_norm, p)
-        except RuntimeError:
-            # The kernels refuse, before touching anything, gradients that are not dense
-            # floating tensors on one device. Say which, in the caller's terms; gradients on
-            # several devices take the general path below.
-            _check_grads(grads, "parameters' gradients")
-            if len(_by_device(grads)) == 1:
-                raise
+        total = _fused(fused, grads, max_norm, p)
+        if total is not _SEVERAL_DEVICES:
+            return total
     with torch.no_grad():
         total, _, mesh = _global_norms(grads, p, False, backend, foreach, "parameters' gradients")
         if error_if_nonfinite:
@@ -410,3 +494,43 @@ def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False
     with torch.no_grad():
         total, per, _ = _global_norms(grads, p, per_tensor, backend, None, "parameters' gradients")
     return (total, per) if per_tensor else total
+
+
+def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None, *,
+                     backend: str | None = None) -> None:
+    """Clamps the gradients of ``parameters`` in place to [-clip_value, clip_value].
+
+    A drop-in for torch.nn.utils.clip_grad_value_: ``parameters`` is a tensor or an iterable
+    of tensors (those without ``.grad`` are skipped), NaN stays NaN, and a negative
+    ``clip_value`` sets every gradient to it, as torch's clamp_min-then-clamp_max does.
+    One multi-tensor kernel per grad dtype on the ``cpp`` and ``triton`` backends;
+    ``foreach`` only affects the ``torch`` backend. Returns None.
+    """
+    grads = _grads_of(parameters)
+    clip_value = check_number(clip_value, "clip_value", finite=False)
+    if not grads:
+        return
+    if is_dtensor(grads[0]):
+        grads = [_local(g) for g in grads]  # an elementwise clamp of each shard is the clamp
+    name = _backend.resolve(backend, grads[0].device)
+    if name != "torch":
+        fused = torch.ops.ganops.multi_tensor_clamp_ if name == "cpp" else torch.ops.ganops.multi_tensor_clamp_triton_
+        if _fused(fused, grads, clip_value) is _SEVERAL_DEVICES:
+            for idx in _by_device(grads).values():
+                _device_clamp_([grads[k] for k in idx], clip_value, backend, foreach)
+        return
+    _check_grads(grads, "parameters' gradients")
+    with torch.no_grad():
+        for idx in _by_device(grads).values():
+            _device_clamp_([grads[k] for k in idx], clip_value, backend, foreach)
+
+
+def _device_clamp_(tensors, clip_value, backend, foreach):
+    name = _backend.resolve(backend, tensors[0].device)
+    with torch.no_grad():
+        if name == "cpp":
+            torch.ops.ganops.multi_tensor_clamp_(tensors, clip_value)
+        elif name == "triton":
+            torch.ops.ganops.multi_tensor_clamp_triton_(tensors, clip_value)
+        else:
+            multi_tensor_clamp_reference_(tensors, clip_value, foreach)
