@@ -372,10 +372,12 @@ def test_torch_compile_fullgraph(device, backend):
     def step(ps):
         total, per = ganops.grad_norm(ps, per_tensor=True, backend=backend)
         clipped = ganops.clip_grad_norm_(ps, 0.5, backend=backend)
+        ganops.clip_grad_value_(ps, 0.05, backend=backend)
         return total, per, clipped
 
     total, per, clipped = step(params)
     ref_total = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    torch.nn.utils.clip_grad_value_(ref, 0.05)
     torch.testing.assert_close(total, ref_total)
     torch.testing.assert_close(clipped, ref_total)
     for p, r in zip(params, ref):
