@@ -242,8 +242,10 @@ def _group_by_dtype(tensors: list[torch.Tensor], device: torch.device) -> dict:
 # cache by the number of distinct clip calls captured (recapturing the same call reuses
 # its entry), a handful per program. Outside capture the staging needs no keeping: the
 # caching host allocator holds a pinned block until the copy recorded on it has run.
-# Unverified without a GPU: that pinning host memory is allowed while the stream captures
-# (tests/test_clip_grad_norm.py's CUDA-graph test checks it, and the replay, on a GPU).
+# Pinning during capture is allowed: torch's host allocator marks blocks allocated while a
+# stream captures. Whether a block would outlive every graph differs across the torch
+# versions we support, so the entry holds it. (Run here without a GPU: the CUDA-graph
+# test in tests/test_clip_grad_norm.py checks capture and replay where one exists.)
 _CAPTURED_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
