@@ -847,3 +847,27 @@ def test_clip_grad_value_opcheck(device, backend):
     op = torch.ops.ganops.multi_tensor_clamp_ if backend == "cpp" else torch.ops.ganops.multi_tensor_clamp_triton_
     tensors = [torch.randn(40000) * 3, torch.randn(7, dtype=torch.float64), torch.randn(5, 5).t()]
     torch.library.opcheck(op, (tensors, 1.5))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_no_host_sync_across_two_gpus(backend):
+    # The multi-device path once made blocking copies and uploaded the per-tensor order
+    # with torch.tensor(..., device=...).
+    params = make_params([(100,), (5, 5), (300,), (7,)], "cuda:0")
+    for k in (1, 3):
+        params[k].grad = params[k].grad.to("cuda:1")
+    originals = [p.grad.double().cpu() for p in params]
+    ganops.grad_norm(params, per_tensor=True, backend=backend)  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, per = ganops.grad_norm(params, per_tensor=True, backend=backend)
+        clipped = ganops.clip_grad_norm_(params, 1.0, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for k, o in enumerate(originals):
+        torch.testing.assert_close(per[k].double().cpu(), exact_norm([o], 2.0), **tol(torch.float32))
+    truth = exact_norm(originals, 2.0)
+    torch.testing.assert_close(clipped.double().cpu(), truth, **tol(torch.float32))
+    for p, o in zip(params, originals):
+        torch.testing.assert_close(p.grad.double().cpu(), o * expected_coef(truth, 1.0), **tol(torch.float32))
