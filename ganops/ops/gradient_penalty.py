@@ -394,6 +394,7 @@ def _reduced_penalty(grads: torch.Tensor, inv_scale, center: float, one_sided: b
     sample by one incoming scalar and has no per-sample upstream gradient to take.
     """
     if reduction == "none":
+        # A named backend that cannot serve still says so, as with the other reductions.
         _backend.resolve(backend, grads.device)
         terms = per_sample_penalty_terms(grads, _inv_scale_tensor(inv_scale, grads), center, one_sided)
         return (terms * weight).to(grads.dtype)
