@@ -170,7 +170,7 @@ if os.environ.get("GANOPS_LOCAL_VERSION", "0") == "1":
 
 setup(
     version=version,
-    packages=["ganops", "ganops.ops", "ganops.nn", "ganops.triton_kernels"],
+    packages=["ganops", "ganops.ops", "ganops.nn", "ganops.nn.utils", "ganops.triton_kernels"],
     package_dir={"ganops.triton_kernels": "triton_kernels"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtensionInTree},

@@ -1,8 +1,11 @@
 """WGAN-GP gradient penalty against the formula as training scripts write it.
 
-Two cases: the fused penalty alone, forward and backward, on an input gradient of an image
-batch; and one whole critic step (Wasserstein loss, penalty, backward into every critic
-parameter) for a DCGAN critic at 64x64, where the critic's own double backward dominates.
+Three cases: the fused penalty alone, forward and backward, on an input gradient of an image
+batch; one whole critic step (Wasserstein loss, penalty, backward into every critic
+parameter) for a DCGAN critic at 64x64, where the critic's own double backward dominates; and
+StyleGAN's real-image phase, the main loss and R1 from one forward of the reals, with
+ganops.input_gradient_penalty against the hand-written version (and ganops.r1_penalty, which
+runs a forward of its own, for comparison).
 """
 
 from __future__ import annotations
@@ -89,5 +92,53 @@ def _critic_step_case(device: str, batch: int = 16) -> Case:
                 targets=[Target("ganops cpp", ("hand-written GP",), 1.0)])
 
 
+GAMMA = 10.0
+
+
+def _stylegan_real_phase_case(device: str, batch: int = 16) -> Case:
+    torch.manual_seed(0)
+    critic = dcgan_critic().to(device)
+    params = list(critic.parameters())
+    real = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def phase(loss_fn):
+        def run():
+            for p in params:
+                p.grad = None
+            loss = loss_fn()
+            loss.backward()
+            return (loss.detach(), *[p.grad for p in params])
+        return run
+
+    def hand_written():
+        # StyleGAN2-ADA's Dmain + Dr1 on reals: one forward, R1 from its logits.
+        x = real.detach().requires_grad_(True)
+        logits = critic(x)
+        (r1_grads,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        r1 = r1_grads.square().sum([1, 2, 3])
+        return (torch.nn.functional.softplus(-logits).flatten() + r1 * (GAMMA / 2)).mean()
+
+    def shared_forward(backend):
+        def loss():
+            x = real.detach().requires_grad_(True)
+            logits = critic(x)
+            return (torch.nn.functional.softplus(-logits).mean()
+                    + ganops.input_gradient_penalty(logits, x, center=0.0, weight=GAMMA / 2, backend=backend))
+        return loss
+
+    def second_forward(backend):
+        def loss():
+            return (torch.nn.functional.softplus(-critic(real)).mean()
+                    + ganops.r1_penalty(critic, real, gamma=GAMMA, backend=backend))
+        return loss
+
+    impls = [Impl(f"ganops {b}", phase(shared_forward(b))) for b in ganops.available_backends(device)]
+    impls += [Impl(f"ganops {b} r1_penalty (own forward)", phase(second_forward(b)))
+              for b in ganops.available_backends(device)]
+    return Case(op="gradient_penalty", name=f"StyleGAN real phase: loss + R1, one forward, batch {batch} 64x64 fp32",
+                device=device, reference=Impl("hand-written R1", phase(hand_written)), impls=impls,
+                rtol=1e-4, atol=1e-6, targets=[Target("ganops cpp", ("hand-written R1",), 1.0)])
+
+
 def cases(device: str) -> list[Case]:
-    return [_penalty_case(device), _critic_step_case(device)]
+    return [_penalty_case(device), _critic_step_case(device), _stylegan_real_phase_case(device)]

@@ -23,7 +23,13 @@ from ganops.ops.clip_grad_norm import (
     get_total_norm,
     grad_norm,
 )
-from ganops.ops.gradient_penalty import gradient_norm_penalty, gradient_penalty, interpolate, r1_penalty
+from ganops.ops.gradient_penalty import (
+    gradient_norm_penalty,
+    gradient_penalty,
+    input_gradient_penalty,
+    interpolate,
+    r1_penalty,
+)
 from ganops.ops.minibatch_discrimination import minibatch_similarity
 from ganops.ops.spectral_norm import spectral_normalize
 from ganops import nn  # noqa: E402  (ganops.nn.MinibatchDiscrimination after a plain import ganops)
@@ -44,6 +50,7 @@ __all__ = [
     "grad_norm",
     "gradient_norm_penalty",
     "gradient_penalty",
+    "input_gradient_penalty",
     "interpolate",
     "minibatch_similarity",
     "nn",

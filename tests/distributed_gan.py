@@ -6,7 +6,9 @@ The critic's layers carry ganops.spectral_norm and its loss ganops.gradient_pena
 ganops.r1_penalty, in the pattern that data parallelism needs: the penalties are added to
 the critic loss and the sum gets one backward, so DDP reduces each gradient once, penalty
 parts included (a separate backward for a penalty is not reduced: DDP's reducer serves one
-backward per iteration, and the ranks silently drift apart).
+backward per iteration, and the ranks silently drift apart). Lazy R1 (StyleGAN) is the other
+pattern: every other step a forward and backward of R1 alone, its own DDP iteration, which
+needs every parameter of the forward to receive a gradient (find_unused_parameters=False).
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ MAX_NORM = 0.5
 GP_WEIGHT = 1.0
 R1_GAMMA = 0.5
 
-# How each mode wraps the two networks. FSDP2 cannot run a gradient penalty's double backward
-# (ganops.gradient_penalty refuses a fully_shard critic), so "fsdp2" trains without the
-# penalty, the spectral-norm critic sharded, and "fsdp2-ddp" shards the generator and keeps
-# the penalised critic on DDP: the supported way.
-MODES = {"ddp": ("ddp", "ddp", True), "fsdp2": ("fsdp2", "fsdp2", False), "fsdp2-ddp": ("fsdp2", "ddp", True)}
+# How each mode wraps the two networks, and which penalty the critic takes: "gp+r1" (both,
+# added to the critic loss), "none", or "lazy-r1" (R1 alone, its own step, every other step).
+# FSDP2 cannot run a gradient penalty's double backward (ganops.gradient_penalty refuses a
+# fully_shard critic), so "fsdp2" trains without the penalty, the spectral-norm critic
+# sharded, and "fsdp2-ddp" shards the generator and keeps the penalised critic on DDP: the
+# supported way.
+MODES = {"ddp": ("ddp", "ddp", "gp+r1"), "fsdp2": ("fsdp2", "fsdp2", "none"),
+         "fsdp2-ddp": ("fsdp2", "ddp", "gp+r1"), "ddp-lazy-r1": ("ddp", "ddp", "lazy-r1")}
 
 
 def free_port() -> int:
@@ -58,8 +63,9 @@ def _norm_value(total: torch.Tensor) -> torch.Tensor:
     return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
-def train(generator, critic, batches, rank: int = 0, world: int = 1, penalty: bool = True):
-    """WGAN(-GP) steps (critic, then generator) with ganops.clip_grad_norm_ on both networks.
+def train(generator, critic, batches, rank: int = 0, world: int = 1, penalty: str = "gp+r1"):
+    """WGAN(-GP) steps (critic, then generator) with ganops.clip_grad_norm_ on both networks;
+    ``penalty`` as in MODES.
 
     Each rank takes its slice of every batch; the losses (penalty included) are means, so
     averaging the ranks' gradients gives the whole batch's. Returns the clip norms of every step.
@@ -67,7 +73,7 @@ def train(generator, critic, batches, rank: int = 0, world: int = 1, penalty: bo
     opt_d = torch.optim.SGD(critic.parameters(), lr=0.05)
     opt_g = torch.optim.SGD(generator.parameters(), lr=0.05)
     norms = []
-    for real, z, alpha in batches:
+    for step, (real, z, alpha) in enumerate(batches):
         part = slice(rank * len(real) // world, (rank + 1) * len(real) // world)
         real, z, alpha = real[part], z[part], alpha[part]
         opt_d.zero_grad()
@@ -75,12 +81,19 @@ def train(generator, critic, batches, rank: int = 0, world: int = 1, penalty: bo
         # One critic forward for reals and fakes, the penalties' forwards beside it, one backward.
         scores = critic(torch.cat([real, fake]))
         loss_d = scores[len(real):].mean() - scores[:len(real)].mean()
-        if penalty:
+        if penalty == "gp+r1":
             loss_d = (loss_d + ganops.gradient_penalty(critic, real, fake, alpha=alpha, weight=GP_WEIGHT)
                       + ganops.r1_penalty(critic, real, gamma=R1_GAMMA))
         loss_d.backward()
         norms.append(_norm_value(ganops.clip_grad_norm_(critic.parameters(), MAX_NORM)))
         opt_d.step()
+        if penalty == "lazy-r1" and step % 2 == 0:
+            # R1's own forward and backward: the critic's last bias does not reach the input
+            # gradient, and still gets its (zero) gradient, or DDP's next iteration fails.
+            opt_d.zero_grad()
+            ganops.r1_penalty(critic, real, gamma=R1_GAMMA * 2).backward()
+            norms.append(_norm_value(ganops.clip_grad_norm_(critic.parameters(), MAX_NORM)))
+            opt_d.step()
         opt_g.zero_grad()
         loss_g = -critic(generator(z)).mean()
         loss_g.backward()

@@ -3,7 +3,7 @@
 The GAN (tests/distributed_gan.py) has a spectral-norm critic trained with a gradient penalty
 and clips both networks' gradients. Modes: everything on DDP; everything on FSDP2 (no
 penalty: FSDP2 cannot run its double backward); generator on FSDP2 with the penalised
-critic on DDP.
+critic on DDP; lazy R1 on DDP (R1 alone every other step, find_unused_parameters=False).
 """
 
 import functools
@@ -22,7 +22,7 @@ WORLD = 2
 
 
 @functools.cache
-def single_process_result(penalty: bool):
+def single_process_result(penalty: str):
     generator, critic = gan.make_models()
     norms = gan.train(generator, critic, gan.make_batches(), penalty=penalty)
     return gan.full_state(generator, critic), norms
@@ -52,14 +52,16 @@ def test_spectral_norm_vectors_move_and_penalty_counts():
     from their registration values, and the penalty changed the trained parameters."""
     _, critic = gan.make_models()
     initial = gan.full_state(torch.nn.Sequential(), critic)
-    with_penalty, _ = single_process_result(True)
-    without, _ = single_process_result(False)
+    with_penalty, _ = single_process_result("gp+r1")
+    without, _ = single_process_result("none")
+    lazy_r1, _ = single_process_result("lazy-r1")
     # The last layer's u has one element, ±1 whatever the iteration does.
     vectors = [name for name in initial if name.endswith(("._u", "._v")) and initial[name].numel() > 1]
     assert len(vectors) == 5
     assert all(not torch.equal(with_penalty[name], initial[name]) for name in vectors)
-    assert not torch.equal(with_penalty["critic.0.parametrizations.weight.original"],
-                           without["critic.0.parametrizations.weight.original"])
+    for penalised in (with_penalty, lazy_r1):
+        assert not torch.equal(penalised["critic.0.parametrizations.weight.original"],
+                               without["critic.0.parametrizations.weight.original"])
 
 
 def test_unsupported_combinations_raise_naming_the_supported_way(tmp_path):

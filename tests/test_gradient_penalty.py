@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ganops
@@ -547,3 +548,196 @@ def test_short_wgan_gp_training_matches_hand_written():
     # Training must actually move (the critic's loss changes), and ganops must follow it step by step.
     assert (expected[:, 0].max() - expected[:, 0].min()) > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------
+# input_gradient_penalty: penalties on scores the caller already has; score shapes;
+# reductions; every parameter of the forward gets a gradient (lazy R1 under DDP)
+# ---------------------------------------------------------------------------------------
+
+def canonical_per_sample(critic, x, center, one_sided=False):
+    """h(‖∇_x D(x)_i‖) per sample, (N,), by hand (x requires grad)."""
+    out = critic(x)
+    (grads,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    norms = grads.reshape(x.shape[0], -1).norm(dim=1)
+    if center == 0:
+        return norms.square()
+    d = norms - center
+    return (torch.relu(d) if one_sided else d).square()
+
+
+def retained_param_grads(critic, loss):
+    """param_grads, keeping the graph for a second look (zeros where the loss does not reach)."""
+    params = list(critic.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("kind", list(CRITICS))
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_input_gradient_penalty_shares_the_main_forward(kind, device, backend):
+    """StyleGAN's D step: one forward of the reals for the main loss and R1, one backward;
+    the same gradients as the hand-written version."""
+    make, shape = CRITICS[kind]
+    critic = make().to(device)
+    real, _, _ = samples(shape, device)
+    x = real.detach().requires_grad_(True)
+    scores = critic(x)
+    loss = F.softplus(-scores).mean() + ganops.input_gradient_penalty(scores, x, center=0.0, weight=3.0 / 2,
+                                                                      backend=backend)
+    expected = F.softplus(-critic(real)).mean() + canonical_r1(critic, real, gamma=3.0)
+    torch.testing.assert_close(loss, expected, **tol(torch.float64))
+    assert_close_list(param_grads(critic, loss), param_grads(critic, expected), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_match_canonical(device, backend, reduction):
+    critic = mlp_critic().to(device)
+    real, fake, alpha = samples((5, 6), device)
+    a = alpha[:, None]
+    x_hat = (a * real + (1 - a) * fake).requires_grad_(True)
+    x_real = real.detach().requires_grad_(True)
+    per_gp = 7.0 * canonical_per_sample(critic, x_hat, 1.0)
+    per_r1 = 1.5 * canonical_per_sample(critic, x_real, 0.0)
+    reduce = {"mean": torch.mean, "sum": torch.sum, "none": lambda t: t}[reduction]
+    cases = [
+        (ganops.gradient_penalty(critic, real, fake, alpha=alpha, weight=7.0, reduction=reduction, backend=backend),
+         reduce(per_gp)),
+        (ganops.r1_penalty(critic, real, gamma=3.0, reduction=reduction, backend=backend), reduce(per_r1)),
+        (ganops.input_gradient_penalty(critic(x_real), x_real, center=0.0, weight=1.5, reduction=reduction,
+                                       backend=backend), reduce(per_r1)),
+    ]
+    for got, expected in cases:
+        assert got.shape == ((5,) if reduction == "none" else ())
+        torch.testing.assert_close(got, expected, **tol(torch.float64))
+        # Per-sample upstream weights make the reductions' backward differ sample by sample.
+        w = torch.arange(1.0, 6.0, dtype=torch.float64, device=device)
+        weigh = (lambda t: (t * w).sum()) if reduction == "none" else (lambda t: t)
+        assert_close_list(retained_param_grads(critic, weigh(got)), retained_param_grads(critic, weigh(expected)),
+                          **tol(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("center,one_sided", [(1.0, False), (0.6, True), (0.0, False)])
+def test_input_gradient_penalty_gradcheck(device, backend, reduction, center, one_sided):
+    """Differentiable in the critic's weights (through the double backward) and the inputs."""
+    gen = torch.Generator().manual_seed(3)
+    w1 = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+    w2 = torch.randn(5, 1, 1, 1, generator=gen, dtype=torch.float64).to(device) * 0.5
+    x0 = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+
+    def penalty(w, x):
+        x = x * 1.0  # a non-leaf requiring grad, as interpolates are
+        scores = (torch.tanh(x @ w) @ w2.reshape(5, 1)).reshape(3, 1, 1, 1)  # DCGAN-style (N, 1, 1, 1)
+        return ganops.input_gradient_penalty(scores, x, center=center, weight=1.7, one_sided=one_sided,
+                                             reduction=reduction, backend=backend)
+
+    assert torch.autograd.gradcheck(penalty, (w1, x0))
+
+
+@pytest.mark.parametrize("shape", [(5,), (5, 1), (5, 1, 1, 1)])
+def test_one_score_per_sample_in_any_shape(shape):
+    """DCGAN critics end in a 1x1 convolution: (N, 1, 1, 1) is one score per sample too."""
+    base = mlp_critic()
+    critic = lambda x: base(x).reshape(shape)  # noqa: E731
+    real, fake, alpha = samples((5, 6))
+    torch.testing.assert_close(ganops.gradient_penalty(critic, real, fake, alpha=alpha),
+                               canonical_wgan_gp(base, real, fake, alpha), **tol(torch.float64))
+    torch.testing.assert_close(ganops.r1_penalty(critic, real), canonical_r1(base, real), **tol(torch.float64))
+    x = real.detach().requires_grad_(True)
+    torch.testing.assert_close(ganops.input_gradient_penalty(critic(x), x, center=0.0, weight=5.0),
+                               canonical_r1(base, real), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (5, 1, 2), (1, 5), (10,)])
+def test_scores_of_another_shape_are_refused(shape):
+    real, fake, _ = samples((5, 6))
+    critic = lambda x: x[:, :2].reshape(-1)[:math.prod(shape)].reshape(shape)  # noqa: E731
+    with pytest.raises(ValueError, match=r"critic output must have shape \(5,\) or \(5, 1\)"):
+        ganops.gradient_penalty(critic, real, fake)
+    with pytest.raises(ValueError, match=r"critic output must have shape \(5,\) or \(5, 1\)"):
+        ganops.r1_penalty(critic, real)
+    x = real.detach().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"scores must have shape \(5,\) or \(5, 1\)"):
+        ganops.input_gradient_penalty(critic(x), x)
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_every_parameter_of_the_forward_gets_a_gradient(device, backend):
+    """R1 alone (lazy R1): the last bias does not reach the input gradient, yet receives a
+    zero gradient, as DDP with find_unused_parameters=False needs; the value is unchanged."""
+    critic = mlp_critic()
+    real, _, _ = samples((5, 6))
+    penalty = ganops.r1_penalty(critic, real, gamma=2.0, backend=backend)
+    penalty.backward()
+    last_bias = critic[-1].bias
+    assert last_bias.grad is not None and torch.equal(last_bias.grad, torch.zeros_like(last_bias))
+    assert all(p.grad is not None for p in critic.parameters())
+    assert torch.count_nonzero(critic[0].weight.grad) > 0
+    # Without the link, autograd would not reach the last bias at all.
+    x = real.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+    assert torch.autograd.grad(g.square().sum(), last_bias, allow_unused=True)[0] is None
+    torch.testing.assert_close(penalty, canonical_r1(critic, real, gamma=2.0), **tol(torch.float64))
+    for reduction in ("sum", "none"):
+        critic.zero_grad(set_to_none=True)
+        ganops.r1_penalty(critic, real, reduction=reduction, backend=backend).sum().backward()
+        assert last_bias.grad is not None
+
+
+def test_infinite_scores_leave_the_penalty_value_alone():
+    """The zero-gradient link is a sum over no element, not 0 * scores: an infinite score
+    (whose input gradient is finite) does not turn the penalty into NaN."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    scores = x.sum(1) + torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=torch.float64)
+    p = ganops.input_gradient_penalty(scores, x, center=0.0, weight=1.0)
+    torch.testing.assert_close(p, torch.tensor(3.0, dtype=torch.float64), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_input_gradient_penalty_scaler_equals_unscaled(device, backend):
+    critic = mlp_critic().float()
+    real = samples((5, 6))[0].float()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    x = real.requires_grad_(True)
+    scores = critic(x)
+    plain = ganops.input_gradient_penalty(scores, x, backend=backend)
+    scaled = ganops.input_gradient_penalty(scores, x, scaler=scaler, backend=backend)
+    torch.testing.assert_close(scaled, plain, **tol(torch.float32))
+    assert_close_list(retained_param_grads(critic, scaled), retained_param_grads(critic, plain),
+                      **tol(torch.float32))
+
+
+def test_input_gradient_penalty_bad_inputs():
+    critic = mlp_critic()
+    real, _, _ = samples((5, 6))
+    x = real.detach().requires_grad_(True)
+    scores = critic(x)
+    with pytest.raises(ValueError, match="inputs must require grad"):
+        ganops.input_gradient_penalty(critic(real), real)
+    with pytest.raises(ValueError, match="scores do not depend on inputs"):
+        ganops.input_gradient_penalty(critic(real.clone().requires_grad_(True)), x)
+    with torch.no_grad():
+        detached = critic(x)
+    with pytest.raises(ValueError, match="scores must be computed from inputs with grad enabled"):
+        ganops.input_gradient_penalty(detached, x)
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'max'"):
+        ganops.input_gradient_penalty(scores, x, reduction="max")
+    with pytest.raises(ValueError, match="reduction must be"):
+        ganops.gradient_penalty(critic, real, real, reduction=None)
+    with pytest.raises(ValueError, match="reduction must be"):
+        ganops.r1_penalty(critic, real, reduction="avg")
+    with pytest.raises(TypeError, match="inputs must be a tensor"):
+        ganops.input_gradient_penalty(scores, [1.0])
+    with pytest.raises(ValueError, match="scores must be a tensor"):
+        ganops.input_gradient_penalty([1.0] * 5, x)
+    with pytest.raises(TypeError, match="scores has dtype torch.int64"):
+        ganops.input_gradient_penalty(torch.ones(5, dtype=torch.long), x)
+    with pytest.raises(ValueError, match="center must be finite"):
+        ganops.input_gradient_penalty(scores, x, center=float("nan"))
+    with pytest.raises(TypeError, match="one_sided must be a bool"):
+        ganops.input_gradient_penalty(scores, x, one_sided="yes")
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        ganops.input_gradient_penalty(scores, x, scaler=1)

@@ -1,8 +1,9 @@
 """The ops together, as a critic uses them: penalties through spectral-normalised layers and
 a minibatch-discrimination layer, against the same critic built from plain PyTorch.
 
-The plain-PyTorch critic uses torch's own spectral_norm parametrization, a naive broadcast
-minibatch discrimination written here, and the canonical WGAN-GP and R1 formulas.
+The plain-PyTorch critic uses torch's own spectral_norm (the parametrization, or the hook API
+against ganops.nn.utils.spectral_norm), a naive broadcast minibatch discrimination written
+here, and the canonical WGAN-GP and R1 formulas.
 """
 
 import pytest
@@ -94,3 +95,51 @@ def test_r1_critic_step_through_every_op(device, backend):
         loss_ours = -ours(real).mean() + ganops.r1_penalty(ours, real)
     loss_ref = -ref(real).mean() + canonical_r1(ref, real)
     assert_same_step(ours, ref, loss_ours, loss_ref)
+
+
+def hook_api_critics(backend, dtype=torch.float64):
+    """(ganops critic, torch critic) in StudioGAN's style: the hook-API spectral norm
+    (weight_orig, weight_u, weight_v), a minibatch-discrimination layer, the same seed."""
+    def build(spectral_norm, mbd):
+        torch.manual_seed(3)
+        return nn.Sequential(
+            spectral_norm(nn.Linear(6, 16)), nn.LeakyReLU(0.2),
+            spectral_norm(nn.Linear(16, 12)), nn.LeakyReLU(0.2),
+            mbd(12, 5, 3),
+            spectral_norm(nn.Linear(12 + 5, 1))).to(dtype)
+
+    ours = build(lambda m: ganops.nn.utils.spectral_norm(m, backend=backend), MinibatchDiscrimination)
+    ref = build(torch.nn.utils.spectral_norm, NaiveMinibatchDiscrimination)
+    with torch.no_grad():
+        ours[4].T.mul_(0.05)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(("cpu",))])
+def test_stylegan_real_phase_with_hook_api_critic(device, backend):
+    """Main loss and R1 from one forward of the reals (input_gradient_penalty), through
+    hook-API spectral norm and minibatch discrimination, against torch's hook API and the
+    hand-written R1; three steps, so the power iterations must track torch's too."""
+    ours, ref = hook_api_critics(backend)
+    opts = [torch.optim.SGD(c.parameters(), lr=0.05) for c in (ours, ref)]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        real = torch.randn(8, 6, generator=g, dtype=torch.float64)
+        for opt in opts:
+            opt.zero_grad()
+        x = real.detach().requires_grad_(True)
+        scores = ours(x)
+        with ganops.use_backend(backend):
+            loss_ours = (nn.functional.softplus(-scores).mean()
+                         + ganops.input_gradient_penalty(scores, x, center=0.0, weight=5.0))
+        # The hand-written StyleGAN phase: one forward of the reals too (one power iteration).
+        x_ref = real.detach().requires_grad_(True)
+        logits = ref(x_ref)
+        (r1_grads,) = torch.autograd.grad(logits.sum(), x_ref, create_graph=True)
+        loss_ref = (nn.functional.softplus(-logits).flatten() + 5.0 * r1_grads.square().sum(1)).mean()
+        assert_same_step(ours, ref, loss_ours, loss_ref)
+        for opt in opts:
+            opt.step()
+        for (name, b), (_, rb) in zip(ours.named_buffers(), ref.named_buffers()):
+            torch.testing.assert_close(b, rb, rtol=1e-10, atol=1e-12, msg=name)

@@ -341,3 +341,52 @@ def test_torch_compile_cpp_cpu():
 def test_torch_compile_cuda(backend):
     torch._dynamo.reset()
     _compiled_fwd_bwd("cuda", backend)
+
+
+# ---------------------------------------------------------------------------------------
+# torchgan's signature: MinibatchDiscrimination1d(in_features, out_features,
+# intermediate_features=16), its parameter and its output
+# ---------------------------------------------------------------------------------------
+
+def torchgan_formula(x, T):
+    """torchgan's layer written out: o[i, b] = Σ_j exp(−‖M_ib − M_jb‖₁) − 1 over every j
+    (the j = i term is exp(0) = 1), concatenated after x."""
+    n, a = x.shape
+    M = (x @ T.reshape(a, -1)).reshape(n, T.shape[1], T.shape[2])
+    l1 = (M[:, None] - M[None, :]).abs().sum(-1)  # (N, N, B)
+    return torch.cat([x, torch.exp(-l1).sum(1) - 1], dim=1)
+
+
+def test_torchgan_calls_positional_and_keyword():
+    default = ganops.nn.MinibatchDiscrimination(100, 20)
+    assert default.T.shape == (100, 20, 16) and default.intermediate_features == 16
+    keyword = ganops.nn.MinibatchDiscrimination(in_features=10, out_features=4, intermediate_features=5)
+    positional = ganops.nn.MinibatchDiscrimination(10, 4, 5)
+    assert keyword.T.shape == positional.T.shape == (10, 4, 5)
+    assert "intermediate_features=5" in repr(keyword)
+    with pytest.raises(ValueError, match="intermediate_features"):
+        ganops.nn.MinibatchDiscrimination(4, 4, intermediate_features=0)
+    with pytest.raises(ValueError, match="out_features must be a positive int"):
+        ganops.nn.MinibatchDiscrimination(4, True)
+
+
+def test_kernel_dims_is_a_deprecated_alias():
+    with pytest.warns(FutureWarning, match=r"kernel_dims=\.\.\.\) is deprecated; use intermediate_features"):
+        layer = ganops.nn.MinibatchDiscrimination(6, 3, kernel_dims=7)
+    assert layer.T.shape == (6, 3, 7) and layer.kernel_dims == 7
+
+
+@pytest.mark.parametrize("device,backend", backend_params(devices=("cpu",)))
+def test_torchgan_state_dict_and_output(device, backend):
+    """A torchgan state dict ({'T': (A, B, C)}) loads as it is, and the output is torchgan's."""
+    torch.manual_seed(1)
+    T = torch.randn(9, 6, 4, dtype=torch.float64) * 0.4
+    layer = ganops.nn.MinibatchDiscrimination(9, 6, 4, backend=backend).double()
+    layer.load_state_dict({"T": T})
+    x = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    want = torchgan_formula(x, T)
+    torch.testing.assert_close(out, want, **tol(torch.float64))
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    (dx_want,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(dx, dx_want, **tol(torch.float64))

@@ -2,5 +2,6 @@
 
 from ganops.nn.minibatch_discrimination import MinibatchDiscrimination
 from ganops.nn.spectral_norm import SpectralNorm, spectral_norm
+from ganops.nn import utils
 
-__all__ = ["MinibatchDiscrimination", "SpectralNorm", "spectral_norm"]
+__all__ = ["MinibatchDiscrimination", "SpectralNorm", "spectral_norm", "utils"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -18,8 +20,9 @@ class MinibatchDiscrimination(nn.Module):
         output  = cat([f, o], dim=1)                                   (N, A + B)
 
     A drop-in for torchgan's ``MinibatchDiscrimination1d(in_features, out_features,
-    intermediate_features)``: same parameter ``T`` of shape (in_features, out_features,
-    kernel_dims), initialised from N(0, 1), same output; its state dict loads as is.
+    intermediate_features=16)``, positional or keyword: same parameter ``T`` of shape
+    (in_features, out_features, intermediate_features), initialised from N(0, 1), same output
+    (torchgan sums over every j and subtracts the j = i term, 1); its state dict loads as is.
     ``exclude_self=False`` keeps the j = i term (1 for every sample), as the paper's formula
     has it.
 
@@ -33,26 +36,34 @@ class MinibatchDiscrimination(nn.Module):
     Args:
         in_features: A, the size of each input sample.
         out_features: B, the number of kernels (features appended).
-        kernel_dims: C, the dimension each kernel compares samples in.
+        intermediate_features: C, the dimension each kernel compares samples in (torchgan's
+            name and default).
         exclude_self: leave the j = i term out of o.
         backend: ganops backend for the similarity (None: the current default).
+        kernel_dims: deprecated keyword name of ``intermediate_features`` (earlier ganops
+            releases documented it); warns and maps onto it.
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_dims: int, exclude_self: bool = True,
-                 *, backend: str | None = None, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, intermediate_features: int = 16,
+                 exclude_self: bool = True, *, backend: str | None = None, device=None, dtype=None,
+                 kernel_dims: int | None = None):
         super().__init__()
+        if kernel_dims is not None:
+            warnings.warn("MinibatchDiscrimination(kernel_dims=...) is deprecated; use intermediate_features=... "
+                          "(torchgan's name)", FutureWarning, stacklevel=2)
+            intermediate_features = kernel_dims
         for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("kernel_dims", kernel_dims)):
-            if not isinstance(value, int) or value < 1:
+                            ("intermediate_features (kernel_dims)", intermediate_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(exclude_self, bool):
             raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
         self.in_features = in_features
         self.out_features = out_features
-        self.kernel_dims = kernel_dims
+        self.intermediate_features = intermediate_features
         self.exclude_self = exclude_self
         self.backend = backend
-        self.T = nn.Parameter(torch.empty(in_features, out_features, kernel_dims, device=device, dtype=dtype))
+        self.T = nn.Parameter(torch.empty(in_features, out_features, intermediate_features, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,10 +73,16 @@ class MinibatchDiscrimination(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (N, {self.in_features}) (in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
-        M = (x @ self.T.reshape(self.in_features, -1)).view(x.shape[0], self.out_features, self.kernel_dims)
+        M = (x @ self.T.reshape(self.in_features, -1)).view(x.shape[0], self.out_features,
+                                                              self.intermediate_features)
         o = minibatch_similarity(M, exclude_self=self.exclude_self, backend=self.backend)
         return torch.cat([x, o], dim=1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kernel_dims={self.kernel_dims}, exclude_self={self.exclude_self}")
+                f"intermediate_features={self.intermediate_features}, exclude_self={self.exclude_self}")
+
+    @property
+    def kernel_dims(self) -> int:
+        """Deprecated name of intermediate_features, kept for reading."""
+        return self.intermediate_features

@@ -6,6 +6,10 @@
     GP  = weight · mean_i h(‖g_i‖₂),  h(n) = (n − center)²  or, one-sided, max(0, n − center)²
     R1  = γ / 2 · mean_i ‖∇_x D(real)_i‖₂²
 
+Both are input_gradient_penalty(scores, inputs, ...) on scores the caller may already hold
+(StyleGAN's main loss and R1 from one forward); ``reduction`` picks the mean, the sum or the
+per-sample penalties.
+
 The norm is per sample over every non-batch dimension. Two fused pieces carry the work, each
 a registered op with its own registered backward op, one pass over memory each way:
 ``interpolate`` (x̂ and its backward into real, fake and α) and ``gradient_norm_penalty``
@@ -105,21 +109,26 @@ def interpolate_reference(real: torch.Tensor, fake: torch.Tensor, alpha: torch.T
     return (a * real.to(acc) + (1 - a) * fake.to(acc)).to(real.dtype)
 
 
-def gradient_norm_penalty_reference(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
-                                    one_sided: bool, weight: float) -> torch.Tensor:
-    """weight · mean_i h(‖inv_scale · grads_i‖₂) in the accumulation dtype, returned in grads' dtype."""
+def per_sample_penalty_terms(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
+                             one_sided: bool) -> torch.Tensor:
+    """h(‖inv_scale · grads_i‖₂) for each sample i, shape (N,), in the accumulation dtype
+    (differentiable torch ops)."""
     g = grads.reshape(grads.shape[0], -1).to(_acc_dtype(grads.dtype))
     if inv_scale is not None:
         g = g * inv_scale
     if center == 0:
-        terms = (g * g).sum(dim=1)
-    else:
-        # vector_norm's backward is 0 at a zero norm, never NaN.
-        d = torch.linalg.vector_norm(g, dim=1) - center
-        if one_sided:
-            d = d.clamp(min=0)
-        terms = d * d
-    return (terms.mean() * weight).to(grads.dtype)
+        return (g * g).sum(dim=1)
+    # vector_norm's backward is 0 at a zero norm, never NaN.
+    d = torch.linalg.vector_norm(g, dim=1) - center
+    if one_sided:
+        d = d.clamp(min=0)
+    return d * d
+
+
+def gradient_norm_penalty_reference(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
+                                    one_sided: bool, weight: float) -> torch.Tensor:
+    """weight · mean_i h(‖inv_scale · grads_i‖₂) in the accumulation dtype, returned in grads' dtype."""
+    return (per_sample_penalty_terms(grads, inv_scale, center, one_sided).mean() * weight).to(grads.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,41 +364,126 @@ def _check_distributed_critic(critic) -> None:
                              "default) and one backward of critic loss + penalty")
 
 
-def _input_gradient(critic, x: torch.Tensor, scaler) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(∇_x Σ critic(x), inverse scale or None) with create_graph=True; with an enabled scaler
-    the gradient is of the scaled output and the inverse scale is computed on the device."""
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction
+
+
+def _check_scores(scores, n: int, name: str) -> None:
+    """One score per sample: shape (N,), (N, 1) or (N, 1, ..., 1) (a DCGAN critic's (N, 1, 1, 1))."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape ({n},) or ({n}, 1, ...), one score per sample; "
+                         f"got {type(scores).__name__}")
+    if scores.dim() < 1 or scores.shape[0] != n or scores.numel() != n:
+        raise ValueError(f"{name} must have shape ({n},) or ({n}, 1) (or ({n}, 1, ..., 1)), one score per sample; "
+                         f"got {tuple(scores.shape)}")
+    if scores.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {scores.dtype}; expected a floating dtype")
+
+
+def _reduced_penalty(grads: torch.Tensor, inv_scale, center: float, one_sided: bool, weight: float,
+                     reduction: str, backend: str | None) -> torch.Tensor:
+    """The penalty of grads under ``reduction``: "mean" and "sum" run the fused op (a sum is
+    the mean with weight · N), "none" the per-sample terms, shape (N,).
+
+    "none" is differentiable torch ops on every backend: the fused backward op scales every
+    sample by one incoming scalar and has no per-sample upstream gradient to take.
+    """
+    if reduction == "none":
+        # A named backend that cannot serve still says so, as with the other reductions.
+        _backend.resolve(backend, grads.device)
+        terms = per_sample_penalty_terms(grads, _inv_scale_tensor(inv_scale, grads), center, one_sided)
+        return (terms * weight).to(grads.dtype)
+    if reduction == "sum":
+        weight = weight * grads.shape[0]
+    return gradient_norm_penalty(grads, center=center, one_sided=one_sided, weight=weight, inv_scale=inv_scale,
+                                 backend=backend)
+
+
+def input_gradient_penalty(scores: torch.Tensor, inputs: torch.Tensor, *, center: float = 1.0,
+                           weight: float = 10.0, one_sided: bool = False, reduction: str = "mean",
+                           scaler: torch.amp.GradScaler | None = None, backend: str | None = None) -> torch.Tensor:
+    """weight · h(‖∇_inputs Σ scores‖₂ per sample), on scores you already computed.
+
+    ``scores``: the critic's output for ``inputs``, one value per sample: (N,), (N, 1) or
+    (N, 1, ..., 1). ``inputs``: (N, ...), requiring grad, the tensor the scores were computed
+    from (with grad enabled). g = ∇_inputs Σ_i scores_i is taken with create_graph=True, so
+    the penalty's gradient reaches the critic's parameters; h(n) = (n − center)², or
+    max(0, n − center)² with ``one_sided``. ``center=0.0, weight=γ/2`` is R1 (StyleGAN
+    computes D(real) once for the main loss and R1); interpolates as inputs is WGAN-GP.
+
+    ``reduction``: "mean" (a 0-dim tensor), "sum", or "none" (per-sample penalties, (N,)).
+    ``scaler``: an enabled torch.amp.GradScaler; the input gradient is then taken of the
+    scaled scores and unscaled on the device inside the fused kernel.
+
+    Every parameter that took part in computing ``scores`` receives a gradient from the
+    penalty, zero where the penalty does not reach it (a critic's last bias), so a step whose
+    only loss is the penalty (lazy R1) runs under DistributedDataParallel with
+    find_unused_parameters=False.
+    """
+    _check_samples(inputs, "inputs")
+    n = inputs.shape[0]
+    _check_scores(scores, n, "scores")
+    center = check_number(center, "center")
+    weight = check_number(weight, "weight")
+    if not isinstance(one_sided, bool):
+        raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+    _check_reduction(reduction)
+    _check_scaler(scaler)
+    if not inputs.requires_grad or scores.grad_fn is None:
+        raise ValueError("scores must be computed from inputs with grad enabled, and inputs must require grad "
+                         "(e.g. inputs = real.detach().requires_grad_(True); scores = critic(inputs))")
+    with torch.enable_grad():
+        out = scores
+        inv_scale = None
+        if scaler is not None and scaler.is_enabled():
+            out = scaler.scale(scores)
+            inv_scale = scaler._scale.reciprocal()
+        (grads,) = torch.autograd.grad(out.sum(), inputs, create_graph=True, allow_unused=True)
+        if grads is None:
+            raise ValueError("scores do not depend on inputs: pass the tensor the critic was called on")
+        penalty = _reduced_penalty(grads, inv_scale, center, one_sided, weight, reduction, backend)
+        # A sum over no element: exactly 0 whatever the scores hold (no 0 · inf = NaN), and its
+        # backward hands every score a zero gradient, so autograd walks the forward graph to
+        # every parameter in it. The double backward walks most of that graph already; this
+        # adds the top layer's backward on zeros. Without it DDP (find_unused_parameters=False)
+        # waits for the parameters the input gradient does not depend on (the last bias).
+        return penalty + scores.reshape(-1)[:0].sum().to(penalty.dtype)
+
+
+def _critic_scores(critic, x: torch.Tensor) -> torch.Tensor:
+    """critic(x) with grad enabled, checked to hold one score per sample."""
     if not callable(critic):
         raise TypeError(f"critic must be callable (a module or function), got {type(critic).__name__}")
     _check_distributed_critic(critic)
-    n = x.shape[0]
     with torch.enable_grad():
-        out = critic(x)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) not in ((n,), (n, 1)):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"critic output must have shape ({n},) or ({n}, 1), one score per sample; got {shape}")
-        inv_scale = None
-        if scaler is not None and scaler.is_enabled():
-            out = scaler.scale(out)
-            inv_scale = scaler._scale.reciprocal()
-        (grads,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    return grads, inv_scale
+        scores = critic(x)
+    _check_scores(scores, x.shape[0], "critic output")
+    return scores
 
 
 def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, *, weight: float = 10.0, center: float = 1.0,
                      one_sided: bool = False, alpha: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None, scaler: torch.amp.GradScaler | None = None,
-                     backend: str | None = None) -> torch.Tensor:
-    """WGAN-GP: weight · mean_i h(‖∇_x̂ D(x̂)_i‖₂) on x̂ = α_i · real + (1 − α_i) · fake.
+                     generator: torch.Generator | None = None, reduction: str = "mean",
+                     scaler: torch.amp.GradScaler | None = None, backend: str | None = None) -> torch.Tensor:
+    """WGAN-GP: weight · h(‖∇_x̂ D(x̂)_i‖₂) on x̂ = α_i · real + (1 − α_i) · fake, averaged over i.
 
-    ``critic``: a callable mapping (N, ...) to scores of shape (N,) or (N, 1). ``real``,
-    ``fake``: (N, ...). ``alpha``: (N,) or (N, 1, ..., 1); when None, α ~ U[0, 1) per sample
-    from ``generator``. h(n) = (n − center)², or max(0, n − center)² with ``one_sided``. Returns
-    a 0-dim tensor whose gradient reaches the critic's parameters (and real / fake when they
-    require grad). With ``scaler`` (an enabled torch.amp.GradScaler) the input gradient is
-    taken of the scaled score and unscaled on the device inside the fused kernel.
+    ``critic``: a callable mapping (N, ...) to one score per sample ((N,), (N, 1) or
+    (N, 1, ..., 1)). ``real``, ``fake``: (N, ...). ``alpha``: (N,) or (N, 1, ..., 1); when
+    None, α ~ U[0, 1) per sample from ``generator``. h(n) = (n − center)², or
+    max(0, n − center)² with ``one_sided``. ``reduction``: "mean" (a 0-dim tensor), "sum" or
+    "none" (per-sample, (N,)). The gradient reaches the critic's parameters (and real / fake
+    when they require grad). With ``scaler`` (an enabled torch.amp.GradScaler) the input
+    gradient is taken of the scaled score and unscaled on the device inside the fused kernel.
+    Built on input_gradient_penalty.
     """
     _check_pair(real, fake)
     _check_scaler(scaler)
+    _check_reduction(reduction)
     n = real.shape[0]
     if alpha is None:
         if generator is not None and generator.device.type != real.device.type:
@@ -400,23 +494,25 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, *, weight: 
         x_hat = interpolate(real, fake, alpha, backend=backend)
         if not x_hat.requires_grad:
             x_hat.requires_grad_(True)
-        grads, inv_scale = _input_gradient(critic, x_hat, scaler)
-        return gradient_norm_penalty(grads, center=center, one_sided=one_sided, weight=weight,
-                                     inv_scale=inv_scale, backend=backend)
+        return input_gradient_penalty(_critic_scores(critic, x_hat), x_hat, center=center, weight=weight,
+                                      one_sided=one_sided, reduction=reduction, scaler=scaler, backend=backend)
 
 
-def r1_penalty(critic, real: torch.Tensor, *, gamma: float = 10.0, scaler: torch.amp.GradScaler | None = None,
-               backend: str | None = None) -> torch.Tensor:
-    """R1: γ / 2 · mean_i ‖∇_x D(real)_i‖₂², zero-centred on real samples (StyleGAN's regulariser).
+def r1_penalty(critic, real: torch.Tensor, *, gamma: float = 10.0, reduction: str = "mean",
+               scaler: torch.amp.GradScaler | None = None, backend: str | None = None) -> torch.Tensor:
+    """R1: γ / 2 · ‖∇_x D(real)_i‖₂², zero-centred on real samples (StyleGAN's regulariser),
+    averaged over i.
 
-    ``critic``: a callable mapping (N, ...) to scores of shape (N,) or (N, 1); ``real``: (N, ...).
-    The gradient reaches the critic's parameters, and ``real`` when it requires grad. ``scaler``
-    as in gradient_penalty.
+    ``critic``: a callable mapping (N, ...) to one score per sample; ``real``: (N, ...).
+    ``reduction`` as in gradient_penalty. The gradient reaches the critic's parameters, and
+    ``real`` when it requires grad. ``scaler`` as in gradient_penalty. To share D(real) with
+    the main loss, call input_gradient_penalty(scores, real, center=0.0, weight=γ / 2).
     """
     _check_samples(real, "real")
     _check_scaler(scaler)
+    _check_reduction(reduction)
     gamma = check_number(gamma, "gamma")
     with torch.enable_grad():
         x = real if real.requires_grad else real.detach().requires_grad_(True)
-        grads, inv_scale = _input_gradient(critic, x, scaler)
-        return gradient_norm_penalty(grads, center=0.0, weight=gamma / 2, inv_scale=inv_scale, backend=backend)
+        return input_gradient_penalty(_critic_scores(critic, x), x, center=0.0, weight=gamma / 2,
+                                      reduction=reduction, scaler=scaler, backend=backend)
