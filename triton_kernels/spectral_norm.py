@@ -45,9 +45,9 @@ def _row_dot_kernel(w_ptr, x_ptr, t_ptr, rows, inner, cols, BLOCK: tl.constexpr)
 
 @triton.jit
 def _clamped_norm(sum_sq, eps):
-    """spectral_norm.h's clamped_norm: sqrt(sum_sq) clamped below at eps, the same comparison."""
+    """spectral_norm.h's clamped_norm: sqrt(sum_sq) clamped below at eps; a NaN norm stays NaN."""
     norm = sqrt_rn(sum_sq)
-    return tl.where(norm > eps, norm, eps)
+    return tl.where((norm > eps) | (norm != norm), norm, eps)
 
 
 @triton.jit
