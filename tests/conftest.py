@@ -13,8 +13,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import ganops  # noqa: E402
+
+# Hypothesis profiles of tests/test_differential.py. "ci" (make test): a fixed seed and a
+# bounded number of examples per test, the same cases every run. "fuzz" (make fuzz): many
+# random examples; the seed of a failure is printed with the reproduction line.
+# GANOPS_HYPOTHESIS_PROFILE picks one (default "ci"); GANOPS_FUZZ_EXAMPLES sizes "fuzz".
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", derandomize=True, max_examples=12, deadline=None, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, max_examples=int(os.environ.get("GANOPS_FUZZ_EXAMPLES", "400")),
+                          deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile(os.environ.get("GANOPS_HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none is visible")

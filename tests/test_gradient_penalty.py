@@ -741,3 +741,86 @@ def test_input_gradient_penalty_bad_inputs():
         ganops.input_gradient_penalty(scores, x, one_sided="yes")
     with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
         ganops.input_gradient_penalty(scores, x, scaler=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions found by tests/test_differential.py and a reading of the GPU code
+# ---------------------------------------------------------------------------------------
+
+def _penalty_float64(grads, center, weight):
+    n = grads.reshape(grads.shape[0], -1).double().norm(dim=1)
+    return ((n - center) ** 2).mean() * weight
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("center,weight", [(1e300, 1.0), (1.0, 1e300), (1e39, 2.0), (0.1, 1e-310)])
+def test_center_and_weight_beyond_float32_range(device, backend, center, weight):
+    """center and weight are float64 numbers. The Triton launcher split each into float32
+    hi + lo halves: past float32's range hi = inf and lo = value - inf = -inf, so the kernel
+    saw inf - inf = NaN. Now the float64 accumulation gets the exact value, and a float32
+    one the value rounded once (inf past its range), as the C++ kernels' Acc(value)."""
+    g64 = torch.randn(3, 4, 5, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        grads = g64.to(device, dtype).requires_grad_(True)
+        penalty = ganops.gradient_norm_penalty(grads, center=center, weight=weight, backend=backend)
+        (dgrads,) = torch.autograd.grad(penalty, grads)
+        if dtype == torch.float64:
+            expected = _penalty_float64(g64, center, weight)
+            torch.testing.assert_close(penalty.cpu(), expected, rtol=1e-10, atol=0)
+            n = g64.reshape(3, -1).norm(dim=1)
+            factor = 2 * (n - center) / n * weight / 3
+            torch.testing.assert_close(dgrads.cpu(), g64 * factor[:, None, None], rtol=1e-10, atol=0)
+        else:
+            c32, w32 = torch.tensor(center, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32)
+            n = g64.to(torch.float32).reshape(3, -1).norm(dim=1)
+            expected = ((n - c32) ** 2).mean() * w32
+            assert torch.isnan(penalty).item() == torch.isnan(expected).item()
+            torch.testing.assert_close(penalty.cpu(), expected, rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_inv_scale_number_makes_no_host_copy(monkeypatch):
+    """A Python-number inv_scale was built with torch.tensor(value, device=...), a blocking
+    host-to-device copy on CUDA; it is now a device-side fill (torch.full)."""
+    from ganops.ops import gradient_penalty as hub
+
+    def no_host_tensor(*args, **kwargs):
+        raise AssertionError("torch.tensor called: a host copy")
+
+    grads = torch.randn(2, 3)
+    monkeypatch.setattr(hub.torch, "tensor", no_host_tensor)
+    scale = hub._inv_scale_tensor(0.25, grads)
+    monkeypatch.undo()
+    assert scale.dtype == torch.float32 and scale.shape == () and scale.item() == 0.25
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+def test_inv_scale_number_needs_no_sync_on_cuda():
+    grads = torch.randn(4, 8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ganops.gradient_norm_penalty(grads, inv_scale=0.5, backend="cpp")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_backward_reads_grad_penalty_in_accumulation_precision(device, backend):
+    """∂loss/∂penalty arrives in float32 for float16 gradients: the CUDA kernel rounded it to
+    float16 first, the CPU and Triton kernels did not; all now read it in float32."""
+    if backend == "torch":
+        pytest.skip("the registered backward op belongs to the cpp and triton backends")
+    op = (torch.ops.ganops.gradient_norm_penalty_backward if backend == "cpp"
+          else torch.ops.ganops.gradient_norm_penalty_backward_triton)
+    forward = (torch.ops.ganops.gradient_norm_penalty if backend == "cpp"
+               else torch.ops.ganops.gradient_norm_penalty_triton)
+    grads = torch.full((2, 8), 0.5, dtype=torch.float16, device=device)
+    _, sumsq = forward(grads, None, 0.0, False, 1.5)
+    go = 1 + 3 * 2.0 ** -12
+    out = op(torch.tensor(go, dtype=torch.float32, device=device), grads, sumsq, None, 0.0, False, 1.5)
+    # R1 (center 0): ∂ = go · weight / N · 2 · g = 0.75 · go: 0.75 + 1.1 float16 ulps, which
+    # rounds down; with go rounded to float16 first it is 0.75 + 1.5 ulps, which rounds up.
+    expected = torch.tensor(0.75 * go, dtype=torch.float64).to(torch.float16)
+    double_rounded = torch.tensor(0.75 * float(torch.tensor(go).half()), dtype=torch.float64).to(torch.float16)
+    assert expected != double_rounded
+    torch.testing.assert_close(out.cpu(), expected.expand(2, 8), rtol=0, atol=0)

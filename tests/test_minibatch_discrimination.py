@@ -390,3 +390,52 @@ def test_torchgan_state_dict_and_output(device, backend):
     (dx,) = torch.autograd.grad(out.square().sum(), x)
     (dx_want,) = torch.autograd.grad(want.square().sum(), x)
     torch.testing.assert_close(dx, dx_want, **tol(torch.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions found by tests/test_differential.py and a reading of the GPU code
+# ---------------------------------------------------------------------------------------
+
+def test_triton_column_tile_is_capped():
+    """BLOCK_C was next_pow2(C) with no cap: a [64, 128] tile spills registers and past 2^20
+    elements per tile the kernel does not compile. Columns now come in tiles of at most 64."""
+    from ganops.triton_kernels import minibatch_discrimination as kernels
+    assert kernels.block_c(5) == 8
+    assert kernels.block_c(64) == 64
+    assert kernels.block_c(200) == 64 and kernels.block_c(2**21) == 64
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("C", [65, 130])
+def test_more_columns_than_one_tile(device, backend, C):
+    """C past the column tile: distances summed over several tiles, and the backward passes'
+    per-column programs; value, gradient and double backward against float64 formulas."""
+    g = torch.Generator().manual_seed(C)
+    M64 = torch.randn(4, 3, C, generator=g, dtype=torch.float64) / C
+    M = M64.clone().to(device).requires_grad_(True)
+    o = ganops.minibatch_similarity(M, exclude_self=False, backend=backend)
+    ref = torch.exp(-(M64[:, None] - M64[None]).abs().sum(-1)).sum(1)
+    torch.testing.assert_close(o.cpu(), ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn(4, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    (dM,) = torch.autograd.grad(o, M, grad, create_graph=True)
+    h = torch.randn(4, 3, C, generator=g, dtype=torch.float64).to(device)
+    d_grad, d_M = torch.autograd.grad(dM, (grad, M), h)
+    m = M64.clone().requires_grad_(True)
+    gr = grad.detach().cpu().clone().requires_grad_(True)
+    (dm,) = torch.autograd.grad(torch.exp(-(m[:, None] - m[None]).abs().sum(-1)).sum(1), m, gr, create_graph=True)
+    ref_d_grad, ref_d_M = torch.autograd.grad(dm, (gr, m), h.cpu())
+    torch.testing.assert_close(dM.detach().cpu(), dm.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d_grad.cpu(), ref_d_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d_M.cpu(), ref_d_M, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_infinite_entry_gives_the_same_gradient_on_every_backend(device, backend, exclude_self):
+    """The self term has no gradient. The torch backend's autograd took it through
+    exp(-|inf - inf|) and gave NaN where the kernels give 0 (N = 1: the only term is j = i)."""
+    M = torch.tensor([[[float("inf"), 0.5]]], device=device, requires_grad=True)
+    o = ganops.minibatch_similarity(M, exclude_self=exclude_self, backend=backend)
+    assert torch.isnan(o).item() != exclude_self  # exp(-NaN) kept when the self term is
+    (dM,) = torch.autograd.grad(o, M, torch.ones_like(o))
+    torch.testing.assert_close(dM, torch.zeros_like(M), rtol=0, atol=0)

@@ -299,8 +299,8 @@ def test_bad_module_arguments_raise_torch_errors():
         ganops.spectral_norm(nn.Linear(3, 4), n_power_iterations=0)
     with pytest.raises(ValueError, match="no parameter or buffer with name 'kernel'"):
         ganops.spectral_norm(nn.Linear(3, 4), name="kernel")
-    with pytest.raises(TypeError, match="complex"):
-        ganops.spectral_norm(nn.Linear(3, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="complex64 or complex128"):
+        ganops.spectral_norm(nn.Linear(3, 4, dtype=torch.complex32))
     with pytest.raises(TypeError, match="dtype"):
         m = nn.Linear(3, 4)
         m.weight = nn.Parameter(torch.ones(4, 3, dtype=torch.int64), requires_grad=False)
@@ -446,3 +446,184 @@ def test_backend_argument_reaches_the_module():
     assert _sn(m)[0].backend == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         ganops.spectral_norm(nn.Linear(3, 4), backend="fast")
+
+
+# ---------------------------------------------------------------------------------------
+# Complex weights, torch's parametrization behaviours, and regressions found by
+# tests/test_differential.py
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", ALL)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_weight_matches_torch_parametrization(device, backend, dtype):
+    """Complex weights go through the reference (conjugate transpose) on every backend and
+    give torch's numbers from the same seed: buffers, weight, and the gradient."""
+    theirs, ours = _pair(lambda: nn.Linear(5, 4, dtype=dtype), device, dtype=dtype, backend=backend)
+    x = torch.randn(3, 5, dtype=dtype, device=device)
+    for _ in range(3):
+        y_t, y_o = theirs(x), ours(x)
+        torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-6)
+        y_t.abs().sum().backward()
+        y_o.abs().sum().backward()
+    assert_same_state(theirs, ours, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_sn(ours).original.grad, _sn(theirs).original.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_complex_diagonal_weight_is_divided_by_its_largest_modulus(device, backend):
+    """sigma of a diagonal matrix is its largest |entry|, complex entries too."""
+    diag = torch.tensor([3 - 4j, 1 + 1j], dtype=torch.complex64, device=device)
+    m = nn.Linear(2, 2, dtype=torch.complex64, device=device)
+    with torch.no_grad():
+        m.weight = nn.Parameter(torch.diag(diag))
+        ganops.spectral_norm(m, backend=backend)
+        torch.testing.assert_close(m.weight, torch.diag(diag / 5.0))
+
+
+def test_complex_functional_sigma_is_u_conj_W_v():
+    w = torch.randn(4, 3, dtype=torch.complex128)
+    u = F.normalize(torch.randn(4, dtype=torch.complex128), dim=0)
+    v = F.normalize(torch.randn(3, dtype=torch.complex128), dim=0)
+    w_sn, sigma = ganops.spectral_normalize(w, u, v, n_power_iterations=50)
+    # After many iterations sigma is the top singular value, real up to rounding.
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(w)[0].to(sigma.dtype), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w_sn, w / sigma)
+
+
+def test_parametrization_structure_and_removal():
+    """Buffers, not parameters; a plain attribute weight of the original's size and stride; removal
+    (in eval mode) keeps the last weight; registering twice and on the bias works."""
+    m = ganops.spectral_norm(nn.Linear(5, 7, dtype=torch.float64))
+    sn = _sn(m)
+    assert "original" in sn._parameters
+    assert {"_u", "_v"} <= set(sn[0]._buffers)
+    assert "weight" not in m._parameters and "weight" not in m._buffers
+    assert sn.original.shape == m.weight.shape and sn.original.stride() == m.weight.stride()
+    m.eval()
+    before = m.weight.detach().clone()
+    torch.nn.utils.parametrize.remove_parametrizations(m, "weight")
+    assert "weight" in m._parameters
+    torch.testing.assert_close(m.weight.detach(), before)
+    ganops.spectral_norm(m, "weight")
+    ganops.spectral_norm(m, "weight")
+    ganops.spectral_norm(m, "bias")
+    torch.nn.utils.parametrize.remove_parametrizations(m, "bias")
+    assert "bias" in m._parameters and torch.nn.utils.parametrize.is_parametrized(m, "weight")
+
+
+@pytest.mark.parametrize("device,backend", CPU)
+def test_eval_repeats_the_last_training_weight_and_gradchecks(device, backend):
+    """Eval mode gives the last training forward's weight and leaves u, v alone; mixed
+    train/eval forwards from saved u, v are differentiable (float64 gradcheck)."""
+    m = ganops.spectral_norm(nn.Linear(3, 4, dtype=torch.float64), backend=backend)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    m(x)
+    last = m(x).detach()
+    u, v = _sn(m)[0]._u.clone(), _sn(m)[0]._v.clone()
+    m.eval()
+    torch.testing.assert_close(m(x), last, rtol=0, atol=0)
+    torch.testing.assert_close(m(x), last, rtol=0, atol=0)
+    assert torch.equal(_sn(m)[0]._u, u) and torch.equal(_sn(m)[0]._v, v)
+
+    def mixed(inp):
+        _sn(m)[0]._u.copy_(u)
+        _sn(m)[0]._v.copy_(v)
+        outs = []
+        for training in (True, False, True, False):
+            m.train(training)
+            outs.append(m(inp))
+        return sum(outs)
+
+    assert torch.autograd.gradcheck(mixed, (x.clone().requires_grad_(),))
+
+
+def test_state_dict_after_training_reloads_to_the_same_outputs():
+    """A state_dict saved after some training forwards, loaded into a fresh registration,
+    gives the same eval and train outputs; unknown keys are refused when strict."""
+    x = torch.randn(2, 3)
+    m = ganops.spectral_norm(nn.Linear(3, 5))
+    for _ in range(3):
+        m(x)
+    state = copy.deepcopy(m.state_dict())
+    assert set(state) == {"parametrizations.weight.original", "bias", "parametrizations.weight.0._u",
+                          "parametrizations.weight.0._v"}
+    with torch.no_grad():
+        m.eval()
+        outs = [m(x)]
+        m.train()
+        outs += [m(x), m(x)]
+    fresh = ganops.spectral_norm(torch.nn.utils.parametrize.remove_parametrizations(m, "weight"))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict({**state, "nonsense": torch.zeros(1)}, strict=True)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        fresh.eval()
+        torch.testing.assert_close(fresh(x), outs[0])
+        fresh.train()
+        torch.testing.assert_close(fresh(x), outs[1])
+        torch.testing.assert_close(fresh(x), outs[2])
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_nan_weight_entry_makes_u_nan_like_torch(device, backend):
+    """A NaN in W makes |W v| NaN: torch's normalize keeps it (clamp_min(NaN) is NaN) and u is
+    all NaN. The kernels' clamp used `norm > eps ? norm : eps`, which turned the NaN norm into
+    eps and left the other entries of u finite and huge (inf in float16)."""
+    w = torch.tensor([[float("nan")], [-0.2935]], dtype=torch.float16, device=device)
+    u = torch.tensor([0.9824, -0.1870], dtype=torch.float16, device=device)
+    v = torch.tensor([-1.0], dtype=torch.float16, device=device)
+    ganops.spectral_normalize(w, u, v, backend=backend)
+    assert torch.isnan(u).all() and torch.isnan(v).all()
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_float64_eps_is_exact_on_every_backend(device, backend):
+    """eps is a float64 for float64 weights: a compiled Triton kernel takes a Python float as
+    a float32 argument, so an eps of 1e40 became inf and u, v became 0. (The interpreter
+    keeps Python floats as they are, so only a GPU run showed it; now eps travels split.)"""
+    eps = 1e40
+    w = torch.randn(4, 3, dtype=torch.float64, device=device)
+    u = F.normalize(torch.randn(4, dtype=torch.float64), dim=0).to(device)
+    v = F.normalize(torch.randn(3, dtype=torch.float64), dim=0).to(device)
+    u_ref, v_ref = u.cpu().clone(), v.cpu().clone()
+    w_sn, sigma = ganops.spectral_normalize(w, u, v, eps=eps, backend=backend)
+    mat = w.cpu()
+    u_ref = mat @ v_ref / max(float((mat @ v_ref).norm()), eps)
+    v_ref = mat.t() @ u_ref / max(float((mat.t() @ u_ref).norm()), eps)
+    torch.testing.assert_close(u.cpu(), u_ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(v.cpu(), v_ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sigma.cpu(), u_ref @ mat @ v_ref, rtol=1e-10, atol=0)
+
+
+def test_triton_column_partials_fit_cuda_grid_limits():
+    """Row chunks rode on grid axis 1, which CUDA caps at 65535 (4.2 M rows); the column
+    partials now use a 1-D grid of every (column block, row chunk)."""
+    from ganops.triton_kernels import spectral_norm as kernels
+    rows = 65535 * kernels.ROWS_PER_CHUNK + 1
+    n_col_blocks, grid = kernels.col_partial_grid(rows, 300)
+    assert len(grid) == 1 and grid[0] <= kernels.MAX_GRID_X
+    assert grid[0] == n_col_blocks * 65536 and n_col_blocks == 2
+
+
+def test_triton_launchers_make_the_tensors_device_current():
+    """Every Triton launcher of spectral norm, the gradient penalty and minibatch similarity
+    runs under the tensors' device guard (Triton launches on the current device)."""
+    from ganops.triton_kernels import gradient_penalty, minibatch_discrimination, spectral_norm
+    launchers = [spectral_norm.spectral_norm_forward_, spectral_norm.spectral_norm_backward,
+                 gradient_penalty.interpolate, gradient_penalty.interpolate_backward,
+                 gradient_penalty.gradient_norm_penalty, gradient_penalty.gradient_norm_penalty_backward,
+                 minibatch_discrimination.similarity, minibatch_discrimination.similarity_backward,
+                 minibatch_discrimination.similarity_double_backward]
+    assert all(getattr(f, "guards_device", False) for f in launchers)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_on_second_gpu_while_first_is_current():
+    w = torch.randn(6, 5, device="cuda:1")
+    u = F.normalize(torch.randn(6, device="cuda:1"), dim=0)
+    v = F.normalize(torch.randn(5, device="cuda:1"), dim=0)
+    u_ref, v_ref = u.clone(), v.clone()
+    with torch.cuda.device(0):
+        w_sn, _ = ganops.spectral_normalize(w, u, v, backend="triton")
+        ref, _ = ganops.spectral_normalize(w, u_ref, v_ref, backend="torch")
+    torch.testing.assert_close(w_sn, ref)

@@ -14,24 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype as _acc_torch
+from ._common import acc_tl as _acc
+from ._common import div_rn, join_float, on_device, split_float, sqrt_rn
+
 # Must match kChunkSize in csrc/gradient_penalty/gradient_penalty.h: the same work split.
 CHUNK_SIZE = 16384
 BLOCK = 1024
 FINISH_BLOCK = 256
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _hi_lo(value: float) -> tuple[float, float]:
-    """Float arguments arrive as float32; hi + lo carries a float64 value to ~48 bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, value - hi
 
 
 def _split(t: torch.Tensor) -> tuple[int, int, int]:
@@ -114,18 +104,9 @@ def _sumsq_partial_kernel(grads_ptr, inv_scale_ptr, partials_ptr, sample_numel, 
 
 
 @triton.jit
-def _sqrt(x):
-    # Correctly rounded, as the C++ kernels' sqrt: tl.sqrt_rn serves float32, float64's tl.sqrt is exact-rounded.
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
-
-
-@triton.jit
 def _penalty_term(ss, center, ONE_SIDED: tl.constexpr):
     """h(n) from n² = ss; with center 0 (R1) it is ss itself. A NaN norm fails d < 0 and stays NaN."""
-    d = _sqrt(ss) - center
+    d = sqrt_rn(ss) - center
     if ONE_SIDED:
         d = tl.where(d < 0, 0, d)
     return tl.where(center == 0, ss, d * d)
@@ -134,20 +115,20 @@ def _penalty_term(ss, center, ONE_SIDED: tl.constexpr):
 @triton.jit
 def _penalty_factor(ss, center, ONE_SIDED: tl.constexpr):
     """h'(n) / n; 0 at n = 0 (the gradient there is the zero vector), NaN at n = inf."""
-    n = _sqrt(ss)
+    n = sqrt_rn(ss)
     d = n - center
     if ONE_SIDED:
         d = tl.where(d < 0, 0, d)
-    factor = tl.where(n == 0, 0, 2 * d / tl.where(n == 0, 1, n))
+    factor = tl.where(n == 0, 0, div_rn(2 * d, tl.where(n == 0, 1, n)))
     return tl.where(center == 0, 2, factor)
 
 
 @triton.jit
-def _penalty_finish_kernel(partials_ptr, sumsq_ptr, penalty_ptr, n_samples, n_chunks, center_hi, center_lo,
-                           weight_hi, weight_lo, ONE_SIDED: tl.constexpr, ACC: tl.constexpr,
+def _penalty_finish_kernel(partials_ptr, sumsq_ptr, penalty_ptr, n_samples, n_chunks, c_hi, c_mid, c_lo, c_e,
+                           w_hi, w_mid, w_lo, w_e, ONE_SIDED: tl.constexpr, ACC: tl.constexpr,
                            BLOCK: tl.constexpr):
-    center = tl.cast(center_hi, ACC) + tl.cast(center_lo, ACC)
-    weight = tl.cast(weight_hi, ACC) + tl.cast(weight_lo, ACC)
+    center = join_float(c_hi, c_mid, c_lo, c_e, ACC)
+    weight = join_float(w_hi, w_mid, w_lo, w_e, ACC)
     total = tl.zeros([BLOCK], ACC)
     for start in range(0, n_samples, BLOCK):
         i = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -157,20 +138,20 @@ def _penalty_finish_kernel(partials_ptr, sumsq_ptr, penalty_ptr, n_samples, n_ch
             ss += tl.load(partials_ptr + i * n_chunks + c, mask=mask, other=0)
         tl.store(sumsq_ptr + i, ss, mask=mask)
         total += tl.where(mask, _penalty_term(ss, center, ONE_SIDED), 0)
-    penalty = tl.sum(total, 0) / n_samples * weight
+    penalty = div_rn(tl.sum(total, 0), tl.cast(n_samples, ACC)) * weight
     tl.store(penalty_ptr, penalty.to(penalty_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _penalty_backward_kernel(grad_penalty_ptr, grads_ptr, sumsq_ptr, inv_scale_ptr, out_ptr, n_samples,
-                             sample_numel, n_chunks, center_hi, center_lo, weight_hi, weight_lo,
+                             sample_numel, n_chunks, c_hi, c_mid, c_lo, c_e, w_hi, w_mid, w_lo, w_e,
                              HAS_SCALE: tl.constexpr, ONE_SIDED: tl.constexpr, ACC: tl.constexpr,
                              CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     sample, offset, length = _chunk(sample_numel, n_chunks, CHUNK)
-    center = tl.cast(center_hi, ACC) + tl.cast(center_lo, ACC)
-    weight = tl.cast(weight_hi, ACC) + tl.cast(weight_lo, ACC)
+    center = join_float(c_hi, c_mid, c_lo, c_e, ACC)
+    weight = join_float(w_hi, w_mid, w_lo, w_e, ACC)
     go = tl.load(grad_penalty_ptr).to(ACC)
-    k = go * (weight / n_samples) * _penalty_factor(tl.load(sumsq_ptr + sample), center, ONE_SIDED)
+    k = go * div_rn(weight, tl.cast(n_samples, ACC)) * _penalty_factor(tl.load(sumsq_ptr + sample), center, ONE_SIDED)
     if HAS_SCALE:
         s = tl.load(inv_scale_ptr).to(ACC)
         k = k * s * s
@@ -181,6 +162,7 @@ def _penalty_backward_kernel(grad_penalty_ptr, grads_ptr, sumsq_ptr, inv_scale_p
         tl.store(out_ptr + offset + idx, (k * g).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_device
 def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """alpha[i] * real + (1 - alpha[i]) * fake; alpha of shape (N,)."""
     real, fake, alpha = real.contiguous(), fake.contiguous(), alpha.contiguous()
@@ -191,6 +173,7 @@ def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> 
     return out
 
 
+@on_device
 def interpolate_backward(grad, real, fake, alpha, need_real: bool, need_fake: bool, need_alpha: bool):
     """(alpha * grad, (1 - alpha) * grad, Σ grad * (real - fake) per sample); empty where not needed."""
     grad, real, fake, alpha = grad.contiguous(), real.contiguous(), fake.contiguous(), alpha.contiguous()
@@ -210,6 +193,7 @@ def interpolate_backward(grad, real, fake, alpha, need_real: bool, need_fake: bo
     return grad_real, grad_fake, grad_alpha
 
 
+@on_device
 def gradient_norm_penalty(grads, inv_scale, center: float, one_sided: bool, weight: float):
     """(penalty in grads' dtype, per-sample ‖inv_scale * grads[i]‖² in the accumulation dtype)."""
     grads = grads.contiguous()
@@ -222,11 +206,12 @@ def gradient_norm_penalty(grads, inv_scale, center: float, one_sided: bool, weig
     _sumsq_partial_kernel[(n * n_chunks,)](grads, inv_scale if inv_scale is not None else partials, partials, m,
                                            n_chunks, HAS_SCALE=inv_scale is not None, ACC=acc, CHUNK=CHUNK_SIZE,
                                            BLOCK=BLOCK)
-    _penalty_finish_kernel[(1,)](partials, sumsq, penalty, n, n_chunks, *_hi_lo(center), *_hi_lo(weight),
+    _penalty_finish_kernel[(1,)](partials, sumsq, penalty, n, n_chunks, *split_float(center), *split_float(weight),
                                  ONE_SIDED=one_sided, ACC=acc, BLOCK=FINISH_BLOCK)
     return penalty, sumsq
 
 
+@on_device
 def gradient_norm_penalty_backward(grad_penalty, grads, sumsq, inv_scale, center: float, one_sided: bool,
                                    weight: float):
     """∂penalty/∂grads given ∂loss/∂penalty (one value on grads' device) and the forward's sumsq."""
@@ -235,6 +220,6 @@ def gradient_norm_penalty_backward(grad_penalty, grads, sumsq, inv_scale, center
     out = torch.empty_like(grads)
     _penalty_backward_kernel[(n * n_chunks,)](
         grad_penalty, grads, sumsq, inv_scale if inv_scale is not None else sumsq, out, n, m, n_chunks,
-        *_hi_lo(center), *_hi_lo(weight), HAS_SCALE=inv_scale is not None, ONE_SIDED=one_sided,
+        *split_float(center), *split_float(weight), HAS_SCALE=inv_scale is not None, ONE_SIDED=one_sided,
         ACC=_acc(grads.dtype), CHUNK=CHUNK_SIZE, BLOCK=BLOCK)
     return out

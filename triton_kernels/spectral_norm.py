@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype, div_rn, join_float, on_device, split_float, sqrt_rn
+
 # Must match kRowsPerChunk and kChunkSize in csrc/spectral_norm/spectral_norm.h.
 ROWS_PER_CHUNK = 64
 CHUNK_SIZE = 4096
@@ -42,27 +44,38 @@ def _row_dot_kernel(w_ptr, x_ptr, t_ptr, rows, inner, cols, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _normalize_kernel(t_ptr, n, out_ptr, eps, BLOCK: tl.constexpr):
+def _clamped_norm(sum_sq, eps):
+    """spectral_norm.h's clamped_norm: sqrt(sum_sq) clamped below at eps; a NaN norm stays NaN."""
+    norm = sqrt_rn(sum_sq)
+    return tl.where((norm > eps) | (norm != norm), norm, eps)
+
+
+@triton.jit
+def _normalize_kernel(t_ptr, n, out_ptr, eps_hi, eps_mid, eps_lo, eps_e, BLOCK: tl.constexpr):
     """out = t / max(|t|, eps), one program."""
     acc_ty = t_ptr.dtype.element_ty
+    eps = join_float(eps_hi, eps_mid, eps_lo, eps_e, acc_ty)
     acc = tl.zeros([BLOCK], acc_ty)
     for start in range(0, n, BLOCK):
         k = start + tl.arange(0, BLOCK)
         x = tl.load(t_ptr + k, mask=k < n, other=0)
         acc += x * x
-    denom = tl.maximum(tl.sqrt(tl.sum(acc, 0)), eps)
+    denom = _clamped_norm(tl.sum(acc, 0), eps)
     for start in range(0, n, BLOCK):
         k = start + tl.arange(0, BLOCK)
         x = tl.load(t_ptr + k, mask=k < n, other=0)
-        tl.store(out_ptr + k, (x / denom).to(out_ptr.dtype.element_ty), mask=k < n)
+        tl.store(out_ptr + k, div_rn(x, denom).to(out_ptr.dtype.element_ty), mask=k < n)
 
 
 @triton.jit
-def _col_partial_kernel(w_ptr, x_ptr, partials_ptr, rows, inner, cols, ROWS_PER_CHUNK: tl.constexpr,
+def _col_partial_kernel(w_ptr, x_ptr, partials_ptr, rows, inner, cols, n_col_blocks, ROWS_PER_CHUNK: tl.constexpr,
                         BLOCK: tl.constexpr):
+    """Program p: column block p % n_col_blocks, row chunk p // n_col_blocks (a 1-D grid:
+    grid axis 1 would stop at 65535 row chunks, 4.2 M rows)."""
     acc_ty = partials_ptr.dtype.element_ty
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    r = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0).to(tl.int64)
+    j = (p % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    r = p // n_col_blocks
     mask = j < cols
     acc = tl.zeros([BLOCK], acc_ty)
     end = tl.minimum(r * ROWS_PER_CHUNK + ROWS_PER_CHUNK, rows)
@@ -81,23 +94,25 @@ def _combined_cols(partials_ptr, j, mask, cols, n_row_chunks, acc_ty: tl.constex
 
 
 @triton.jit
-def _finish_cols_kernel(partials_ptr, cols, n_row_chunks, v_ptr, sigma_ptr, eps, BLOCK: tl.constexpr):
+def _finish_cols_kernel(partials_ptr, cols, n_row_chunks, v_ptr, sigma_ptr, eps_hi, eps_mid, eps_lo, eps_e,
+                        BLOCK: tl.constexpr):
     """v = s / max(|s|, eps) and sigma = |s|^2 / max(|s|, eps), s = the partials combined in
     chunk order; one program. s is recomputed in the second loop rather than stored, so no
     program reads what another lane wrote."""
     acc_ty = partials_ptr.dtype.element_ty
+    eps = join_float(eps_hi, eps_mid, eps_lo, eps_e, acc_ty)
     acc = tl.zeros([BLOCK], acc_ty)
     for start in range(0, cols, BLOCK):
         j = start + tl.arange(0, BLOCK)
         s = _combined_cols(partials_ptr, j, j < cols, cols, n_row_chunks, acc_ty, BLOCK)
         acc += s * s
     ss = tl.sum(acc, 0)
-    denom = tl.maximum(tl.sqrt(ss), eps)
+    denom = _clamped_norm(ss, eps)
     for start in range(0, cols, BLOCK):
         j = start + tl.arange(0, BLOCK)
         s = _combined_cols(partials_ptr, j, j < cols, cols, n_row_chunks, acc_ty, BLOCK)
-        tl.store(v_ptr + j, (s / denom).to(v_ptr.dtype.element_ty), mask=j < cols)
-    tl.store(sigma_ptr, ss / denom)
+        tl.store(v_ptr + j, div_rn(s, denom).to(v_ptr.dtype.element_ty), mask=j < cols)
+    tl.store(sigma_ptr, div_rn(ss, denom))
 
 
 @triton.jit
@@ -113,7 +128,8 @@ def _dot_kernel(x_ptr, y_ptr, n, out_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _scale_kernel(w_ptr, numel, sigma_ptr, out_ptr, CHUNK: tl.constexpr):
-    inv = 1.0 / tl.load(sigma_ptr)
+    sigma = tl.load(sigma_ptr)
+    inv = div_rn(tl.full([], 1.0, sigma.dtype), sigma)
     k = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     w = tl.load(w_ptr + k, mask=k < numel, other=0).to(inv.dtype)
     tl.store(out_ptr + k, (w * inv).to(out_ptr.dtype.element_ty), mask=k < numel)
@@ -138,7 +154,7 @@ def _grad_finish_kernel(partials_ptr, n_chunks, sigma_ptr, grad_sigma_ptr, coef_
         c = start + tl.arange(0, BLOCK)
         acc += tl.load(partials_ptr + c, mask=c < n_chunks, other=0)
     sigma = tl.load(sigma_ptr)
-    coef = tl.sum(acc, 0) / (sigma * sigma)
+    coef = div_rn(tl.sum(acc, 0), sigma * sigma)
     if HAS_GRAD_SIGMA:
         coef -= tl.load(grad_sigma_ptr)
     tl.store(coef_ptr, coef)
@@ -149,7 +165,8 @@ def _grad_weight_kernel(g_ptr, u_ptr, v_ptr, rows, inner, numel, sigma_ptr, coef
                         CHUNK: tl.constexpr):
     """dW = G / sigma - coef u v^T, element k at row (k / inner) % rows, column
     (k / (rows * inner)) * inner + k % inner."""
-    inv = 1.0 / tl.load(sigma_ptr)
+    sigma = tl.load(sigma_ptr)
+    inv = div_rn(tl.full([], 1.0, sigma.dtype), sigma)
     coef = tl.load(coef_ptr)
     acc_ty = inv.dtype
     k = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
@@ -171,10 +188,22 @@ def matrix_shape(weight: torch.Tensor, dim: int) -> tuple[int, int, int]:
     return outer, weight.shape[dim], inner
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65535).
+MAX_GRID_X = 2**31 - 1
 
 
+def col_partial_grid(rows: int, cols: int) -> tuple[int, tuple[int]]:
+    """(column blocks, the 1-D grid) of _col_partial_kernel: every (column block, row chunk)
+    pair on axis 0."""
+    n_col_blocks = triton.cdiv(cols, BLOCK)
+    programs = n_col_blocks * triton.cdiv(rows, ROWS_PER_CHUNK)
+    if programs > MAX_GRID_X:
+        raise ValueError(f"spectral_norm (Triton): a {rows} x {cols} weight matrix needs {programs} column-partial "
+                         f"programs, more than CUDA's grid limit {MAX_GRID_X}")
+    return n_col_blocks, (programs,)
+
+
+@on_device
 def spectral_norm_forward_(weight, u, v, dim: int, n_power_iterations: int, eps: float):
     """(weight / sigma, sigma, u copy, v copy) after n_power_iterations in place on u, v
     (0: eval mode, sigma = u^T W v)."""
@@ -191,12 +220,14 @@ def spectral_norm_forward_(weight, u, v, dim: int, n_power_iterations: int, eps:
     else:
         n_row_chunks = triton.cdiv(rows, ROWS_PER_CHUNK)
         partials = torch.empty(n_row_chunks * cols, dtype=acc, device=w.device)
+        n_col_blocks, grid = col_partial_grid(rows, cols)
+        eps_args = split_float(eps)
         for _ in range(n_power_iterations):
             _row_dot_kernel[(rows,)](w, vc, t, rows, inner, cols, BLOCK=BLOCK)
-            _normalize_kernel[(1,)](t, rows, uc, eps, BLOCK=BLOCK)
-            _col_partial_kernel[(triton.cdiv(cols, BLOCK), n_row_chunks)](
-                w, uc, partials, rows, inner, cols, ROWS_PER_CHUNK=ROWS_PER_CHUNK, BLOCK=BLOCK)
-            _finish_cols_kernel[(1,)](partials, cols, n_row_chunks, vc, sigma, eps, BLOCK=BLOCK)
+            _normalize_kernel[(1,)](t, rows, uc, *eps_args, BLOCK=BLOCK)
+            _col_partial_kernel[grid](w, uc, partials, rows, inner, cols, n_col_blocks, ROWS_PER_CHUNK=ROWS_PER_CHUNK,
+                                      BLOCK=BLOCK)
+            _finish_cols_kernel[(1,)](partials, cols, n_row_chunks, vc, sigma, *eps_args, BLOCK=BLOCK)
     out = torch.empty_like(w)
     _scale_kernel[(triton.cdiv(w.numel(), CHUNK_SIZE),)](w, w.numel(), sigma, out, CHUNK=CHUNK_SIZE)
     if uc is not u:
@@ -206,6 +237,7 @@ def spectral_norm_forward_(weight, u, v, dim: int, n_power_iterations: int, eps:
     return out, sigma, uc.clone(), vc.clone()
 
 
+@on_device
 def spectral_norm_backward(grad, grad_sigma, weight, u, v, sigma, dim: int):
     """dW = (G - <G, W / sigma> u v^T) / sigma + grad_sigma u v^T."""
     w, g = weight.contiguous(), grad.contiguous()

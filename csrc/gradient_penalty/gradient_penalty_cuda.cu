@@ -111,14 +111,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    penalty_backward_kernel(const T* grad_penalty, const T* grads, const acc_t<T>* sumsq, const acc_t<T>* inv_scale,
-                            double center, bool one_sided, double weight, int64_t n_samples, T* out,
-                            int64_t sample_numel, int64_t n_chunks) {
+    penalty_backward_kernel(const acc_t<T>* grad_penalty, const T* grads, const acc_t<T>* sumsq,
+                            const acc_t<T>* inv_scale, double center, bool one_sided, double weight,
+                            int64_t n_samples, T* out, int64_t sample_numel, int64_t n_chunks) {
   using Acc = acc_t<T>;
   const BlockChunk bc = block_chunk(sample_numel, n_chunks);
   const Acc s = inv_scale != nullptr ? *inv_scale : Acc(1);
-  const Acc k = penalty_grad_scale(static_cast<Acc>(*grad_penalty), sumsq[bc.sample], s, Acc(center), one_sided,
-                                   Acc(weight), n_samples);
+  const Acc k =
+      penalty_grad_scale(*grad_penalty, sumsq[bc.sample], s, Acc(center), one_sided, Acc(weight), n_samples);
   for_each_thread_element(bc.length, threadIdx.x, kThreads, [&](int64_t j) {
     const int64_t e = bc.offset + j;
     out[e] = static_cast<T>(k * static_cast<Acc>(grads[e]));
@@ -246,14 +246,16 @@ at::Tensor gradient_norm_penalty_backward_cuda(const at::Tensor& grad_penalty, c
   c10::cuda::CUDAGuard guard(grads.device());
   const at::Tensor g = grads.contiguous();
   const at::Tensor ss = sumsq.contiguous();
-  const at::Tensor go = grad_penalty.to(g.scalar_type()).contiguous();
+  // In the accumulation dtype, as the CPU and Triton kernels read it: rounding a float32
+  // ∂loss/∂penalty to half first would change the gradient.
+  const at::Tensor go = grad_penalty.to(acc_dtype(g.scalar_type())).contiguous();
   const at::Tensor scale = inv_scale_tensor(inv_scale, g);
   at::Tensor out = at::empty_like(g);
   auto stream = c10::cuda::getCurrentCUDAStream();
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     penalty_backward_kernel<scalar_t><<<s.blocks(), kThreads, 0, stream>>>(
-        go.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), ss.const_data_ptr<Acc>(),
+        go.const_data_ptr<Acc>(), g.const_data_ptr<scalar_t>(), ss.const_data_ptr<Acc>(),
         scale.defined() ? scale.const_data_ptr<Acc>() : nullptr, center, one_sided, weight, s.n_samples,
         out.data_ptr<scalar_t>(), s.sample_numel, s.n_chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

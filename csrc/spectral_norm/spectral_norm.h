@@ -64,11 +64,13 @@ struct MatrixShape {
   }
 };
 
-// torch.nn.functional.normalize's divisor: the norm clamped below at eps.
+// torch.nn.functional.normalize's divisor: the norm clamped below at eps. A NaN norm stays
+// NaN, as in torch's clamp_min: `norm > eps` alone would turn it into eps and leave the
+// other entries finite (and huge), hiding the NaN from every later step.
 template <typename Acc>
 GANOPS_HD Acc clamped_norm(Acc sum_sq, double eps) {
   const Acc norm = ::sqrt(sum_sq);
-  return norm > Acc(eps) ? norm : Acc(eps);
+  return (norm > Acc(eps) || norm != norm) ? norm : Acc(eps);
 }
 
 // sigma = u^T W v with v = s / max(|s|, eps) and s = W^T u: |s|^2 / max(|s|, eps).

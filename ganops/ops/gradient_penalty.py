@@ -95,7 +95,10 @@ def _inv_scale_tensor(inv_scale, grads: torch.Tensor) -> torch.Tensor | None:
             raise ValueError(f"inv_scale must be on grads' device {grads.device}, got {inv_scale.device}")
         return inv_scale.detach().reshape(()).to(_acc_dtype(grads.dtype))
     value = check_number(inv_scale, "inv_scale", minimum=0.0)
-    return torch.tensor(value, dtype=_acc_dtype(grads.dtype), device=grads.device)
+    # A fill kernel, not torch.tensor(value, device=...): that stages the value in host
+    # memory and copies it with a blocking host-to-device transfer, a sync in the hot path
+    # that a CUDA graph could not capture.
+    return torch.full((), value, dtype=_acc_dtype(grads.dtype), device=grads.device)
 
 
 # ---------------------------------------------------------------------------------------

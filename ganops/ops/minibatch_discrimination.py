@@ -61,11 +61,21 @@ def _check_exclude_self(exclude_self) -> bool:
 
 def minibatch_similarity_reference(M: torch.Tensor, exclude_self: bool = True) -> torch.Tensor:
     """Pure-PyTorch o (N, B) by broadcasting: holds the N×N×B×C differences, computes in
-    M's dtype, and is differentiable any number of times by autograd."""
-    K = torch.exp(-(M.unsqueeze(1) - M.unsqueeze(0)).abs().sum(-1))
-    if exclude_self:
-        K = K.masked_fill(torch.eye(M.shape[0], dtype=torch.bool, device=M.device).unsqueeze(-1), 0)
-    return K.sum(1)
+    M's dtype, and is differentiable any number of times by autograd.
+
+    The self term j = i carries no gradient (its distance is 0 whatever M is), as in the
+    kernels: its differences are zeroed before autograd sees them, so an infinite entry's
+    NaN self-difference (inf − inf) cannot reach the gradient through 0 · NaN. Its value,
+    kept with ``exclude_self=False``, is computed apart and detached: NaN for a non-finite
+    row, as the kernels give, else 1."""
+    diff = M.unsqueeze(1) - M.unsqueeze(0)
+    eye = torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
+    diff = diff.masked_fill(eye[:, :, None, None], 0)
+    K = torch.exp(-diff.abs().sum(-1)).masked_fill(eye.unsqueeze(-1), 0)
+    o = K.sum(1)
+    if not exclude_self:
+        o = o + torch.exp(-(M - M).abs().sum(-1)).detach()
+    return o
 
 
 # ---------------------------------------------------------------------------------------

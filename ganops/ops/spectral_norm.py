@@ -26,13 +26,15 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 
 from ganops import _backend, _ext
 from ganops._checks import check_number
 from ganops._dtensor import is_dtensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Complex weights (torch's parametrization takes them) are served by the reference on every
+# backend: the kernels are real.
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,11 +65,9 @@ def check_eps(eps) -> float:
 def check_weight(weight, name: str = "weight") -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(weight).__name__}")
-    if weight.is_complex():
-        raise TypeError(f"{name} is complex ({weight.dtype}); ganops' spectral norm supports real "
-                        f"float16, bfloat16, float32 and float64 weights")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {weight.dtype}; expected float16, bfloat16, float32 or float64")
+    if weight.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
+        raise TypeError(f"{name} has dtype {weight.dtype}; expected float16, bfloat16, float32, float64, "
+                        f"complex64 or complex128")
     if weight.layout != torch.strided:
         raise TypeError(f"{name} is a {weight.layout} tensor; ganops supports dense weights only")
     if is_dtensor(weight):
@@ -115,21 +115,31 @@ def as_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.flatten(1)
 
 
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / max(|x|, eps), torch.nn.functional.normalize's formula with eps taken in x's
+    precision: an eps beyond float32's range is inf there, as in the kernels, where
+    F.normalize would refuse to convert it. A NaN norm stays NaN."""
+    norm = torch.linalg.vector_norm(x)
+    return x / torch.maximum(norm, norm.new_tensor(eps))
+
+
 def spectral_normalize_reference(weight, u, v, n_power_iterations: int, eps: float, dim: int,
                                  training: bool):
     """Pure-PyTorch spectral normalization: (weight / sigma, sigma), u and v updated in place.
 
     Half types are computed in float32 (u and v are read from and written to their buffers
-    in the weight's dtype each half-step, as the kernels do).
+    in the weight's dtype each half-step, as the kernels do). Complex weights use the
+    conjugate transpose, v <- normalize(W^H u), and sigma = u^H W v (complex, real up to
+    rounding), as torch's parametrization.
     """
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = _sigma_dtype(weight.dtype)
     mat = as_matrix(weight.to(acc), dim)
     if training:
         with torch.no_grad():
             detached = mat.detach()
             for _ in range(n_power_iterations):
-                u.copy_(F.normalize(torch.mv(detached, v.to(acc)), dim=0, eps=eps))
-                v.copy_(F.normalize(torch.mv(detached.t(), u.to(acc)), dim=0, eps=eps))
+                u.copy_(normalize(torch.mv(detached, v.to(acc)), eps))
+                v.copy_(normalize(torch.mv(detached.mH, u.to(acc)), eps))
     # Copies, so that a later step's in-place update leaves this step's backward intact.
     u_used = u.to(acc, copy=True)
     v_used = v.to(acc, copy=True)
@@ -142,7 +152,8 @@ def spectral_normalize_reference(weight, u, v, n_power_iterations: int, eps: flo
 # ---------------------------------------------------------------------------------------
 
 def _sigma_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The accumulation dtype, sigma's: float32 for half weights, else the weight's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _forward_fake(weight, u, v, dim, n_power_iterations, eps):
@@ -224,7 +235,7 @@ def normalize_unchecked(weight, u, v, n_power_iterations: int, eps: float, dim: 
                         backend: str | None):
     """spectral_normalize for arguments already checked (the module checks them once)."""
     name = _backend.resolve(backend, weight.device)
-    if name == "torch":
+    if name == "torch" or weight.is_complex():
         return spectral_normalize_reference(weight, u, v, n_power_iterations, eps, dim, training)
     return _SpectralNormalize.apply(weight, u, v, n_power_iterations if training else 0, eps, dim, name)
 
@@ -246,13 +257,17 @@ def spectral_normalize(weight: torch.Tensor, u: torch.Tensor | None, v: torch.Te
     sigma = u^T W v, differentiable in W with u, v held constant. ``training=False`` leaves
     u and v alone. sigma is float32 for half weights, else the weight's dtype. A 1-D weight is
     simply normalised: weight_sn = weight / max(|weight|, eps), and u, v are ignored.
+
+    Complex weights (complex64, complex128) work as in torch's parametrization: the power
+    iteration uses the conjugate transpose and sigma = u^H W v is complex. They are computed
+    by the pure-PyTorch reference whatever ``backend`` says: the kernels are real-only.
     """
     check_weight(weight)
     n = check_n_power_iterations(n_power_iterations)
     eps = check_eps(eps)
     if weight.dim() == 1:
-        sigma = torch.linalg.vector_norm(weight, dtype=_sigma_dtype(weight.dtype)).clamp_min(eps)
-        return F.normalize(weight, dim=0, eps=eps), sigma
+        norm = torch.linalg.vector_norm(weight.to(_sigma_dtype(weight.dtype)))
+        return normalize(weight, eps), torch.maximum(norm, norm.new_tensor(eps))
     dim = check_dim(dim, weight.dim())
     rows, cols = matrix_size(weight, dim)
     _check_vector(u, "u", rows, weight)
