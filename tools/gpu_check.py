@@ -159,8 +159,9 @@ def run_command(report: Report, name: str, cmd: list[str], timeout: float, env: 
 def probe_environment(python: str) -> dict:
     """Facts of the machine, from the Python that will build and test."""
     code = (
-        "import json, os, torch\n"
-        "d = {'torch': torch.__version__, 'torch CUDA': torch.version.cuda,\n"
+        "import json, sys, torch\n"
+        "d = {'python': f'{sys.executable} ({sys.version.split()[0]})',\n"
+        "     'torch': torch.__version__, 'torch CUDA': torch.version.cuda,\n"
         "     'GPU': None, 'compute capability': None, 'GPU memory GiB': None}\n"
         "try:\n"
         "    import triton; d['triton'] = triton.__version__\n"
@@ -171,8 +172,7 @@ def probe_environment(python: str) -> dict:
         "    d.update({'GPU': p.name, 'compute capability': f'{p.major}.{p.minor}',\n"
         "              'GPU memory GiB': round(p.total_memory / 2**30, 1)})\n"
         "print(json.dumps(d))\n")
-    env = {"python": f"{python} ({platform.python_version() if python == sys.executable else '?'})",
-           "cores": os.cpu_count(), "machine": platform.node()}
+    env = {"python": python, "cores": os.cpu_count(), "machine": platform.node()}
     try:
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
         if out.returncode != 0:
