@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -132,3 +133,21 @@ def test_the_wgan_gp_step_is_reproducible_on_cpu(gpu_workloads):
     assert all(torch.equal(x, y) for x, y in zip(a.state(), b.state()))
     unchanged = [tuple(x.shape) for x, y in zip(before, a.state()) if torch.equal(x, y)]
     assert unchanged == [(1,), (1,)]
+
+
+def test_stopped_from_outside_it_ends_the_step_and_leaves_a_report(tmp_path):
+    """The GPU session's own limit may stop the driver: the step running is ended with it
+    and the report says so."""
+    code = (f"import sys, time; sys.path.insert(0, {TOOLS!r}); import gpu_check as g, signal\n"
+            f"r = g.Report({str(tmp_path)!r}, quick=True, budget=120)\n"
+            "signal.signal(signal.SIGTERM, lambda n, f: g._stop(r, n, f))\n"
+            "g.run_command(r, 'long', [sys.executable, '-c', 'import time; time.sleep(60)'], 100)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    report = tmp_path / "report.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (report.exists() and '"running"' in report.read_text()):
+        time.sleep(0.2)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 1
+    step = json.loads(report.read_text())["steps"][0]
+    assert step["status"] == "timed out" and "stopped from outside" in step["detail"]

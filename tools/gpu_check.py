@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +126,21 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# The step's process group running now, ended with the driver if that is stopped from
+# outside (the GPU session's own time limit), so no nvcc or sanitizer outlives it.
+_running: subprocess.Popen | None = None
+
+
+def _stop(report: Report, signum, _frame) -> None:
+    if _running is not None and _running.poll() is None:
+        os.killpg(_running.pid, signal.SIGKILL)
+    for step in report.steps:
+        if step.status == "running":
+            step.status, step.detail = "timed out", f"stopped from outside (signal {signum}) while running"
+    report.write()
+    sys.exit(1)
+
+
 def run_command(report: Report, name: str, cmd: list[str], timeout: float, env: dict | None = None,
                 log: str | None = None) -> Step:
     """Runs one step's command with a timeout cut to the budget left; its whole output goes
@@ -136,9 +152,11 @@ def run_command(report: Report, name: str, cmd: list[str], timeout: float, env: 
     report.add(Step(name, "running", command=shown, detail=f"started, timeout {timeout:.0f} s"))
     log_path = os.path.join(report.directory, (log or name) + ".log")
     t0 = time.monotonic()
+    global _running
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **report.extra_env, **(env or {})}, start_new_session=True)
+        proc = _running = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                           env={**os.environ, **report.extra_env, **(env or {})},
+                                           start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -386,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the Python (and torch) to build and test with")
     args = parser.parse_args(argv)
     report = Report(args.report, args.quick, args.budget or (QUICK_BUDGET if args.quick else FULL_BUDGET))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda n, f: _stop(report, n, f))
 
     t0 = time.monotonic()
     report.environment = probe_environment(args.python)
