@@ -83,8 +83,12 @@ gpu-check:
 
 # pytest and hypothesis (and their dependencies) as wheels in wheelhouse/, small enough to
 # carry to a GPU machine without network; gpu-check installs them from there when missing.
+# For each Python in WHEELHOUSE_PYTHONS: some of them ship compiled wheels per version.
+WHEELHOUSE_PYTHONS ?= 3.11 3.12
 wheelhouse: $(VENV)/.requirements
-	$(PY) -m pip download --quiet --only-binary=:all: --dest wheelhouse -r tools/gpu_check_requirements.txt
+	for v in $(WHEELHOUSE_PYTHONS); do \
+	  $(PY) -m pip download --quiet --only-binary=:all: --python-version $$v --dest wheelhouse \
+	    -r tools/gpu_check_requirements.txt || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info ganops/_C*.so ganops/_build_info.py
