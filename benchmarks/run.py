@@ -150,7 +150,18 @@ def main(argv=None) -> int:
               + (f" (nominal peak {nominal:.0f} GB/s)" if nominal else ""), flush=True)
     print(f"{'op':<26} {'case':<30} {'implementation':<34} {'median':>11} {'speedup':>8}  {'max err':>9} "
           f"{'peak extra':>13}")
+    json_path = args.json or os.path.join(RESULTS_DIR, "results.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name() if bandwidth else None, "copy_bandwidth": bandwidth}
     results, failures = [], []
+
+    def write_json():
+        # After every case: a run cut short (gpu-check's timeout) keeps what it measured.
+        with open(json_path, "w") as f:
+            json.dump({"meta": {**meta, "failures": failures}, "results": results}, f, indent=1)
+
     for module in bench_modules(args.op):
         for device in devices:
             for case in module.cases(device):
@@ -159,16 +170,11 @@ def main(argv=None) -> int:
                 except VerificationError as exc:
                     print(f"VERIFICATION FAILED: {exc}", flush=True)
                     failures.append(str(exc))
-                    continue
-                print_result(result)
-                results.append(result)
-    json_path = args.json or os.path.join(RESULTS_DIR, "results.json")
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "failures": failures,
-            "gpu": torch.cuda.get_device_name() if bandwidth else None, "copy_bandwidth": bandwidth}
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+                else:
+                    print_result(result)
+                    results.append(result)
+                write_json()
+    write_json()
     print(f"wrote {json_path}")
     if results and not args.no_chart:
         chart = os.path.join(os.path.dirname(os.path.abspath(json_path)), "results.png")
