@@ -1,10 +1,13 @@
 # make bench   verify every op's backends against the reference, then time them
 # make bench-pytest   the same cases under pytest-benchmark
 # make test    the test suite (CPU; GPU tests run too where a GPU is visible)
+# make test TORCH=2.13.0   the same against another torch, in .venv-torch-2.13.0
 # make fuzz    a long random campaign of the differential suite (FUZZ_EXAMPLES, SEED)
 # make build   (re)build the extension in place; ninja recompiles only what changed
 # make wheel   dist/ganops-*.whl for TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX)
 # make wheel-check   that wheel installed and tested in clean environments
+# make gpu-check REPORT=dir [QUICK=1]   everything a GPU can check, into dir/report.md
+# make wheelhouse   the test dependencies as wheels, for gpu-check on a machine offline
 #
 # Each target creates .venv and installs requirements.txt on first use.
 
@@ -14,7 +17,7 @@ PY          := $(VENV)/bin/python
 CUDA_HOME   ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 
-.PHONY: build test fuzz bench bench-pytest wheel wheel-check cuda-resources clean
+.PHONY: build test fuzz bench bench-pytest wheel wheel-check cuda-resources gpu-check wheelhouse clean
 
 $(VENV)/.requirements: requirements.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -24,8 +27,32 @@ $(VENV)/.requirements: requirements.txt
 build: $(VENV)/.requirements
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
+ifeq ($(TORCH),)
 test: build
 	$(PY) -m pytest tests
+else
+# Another torch in its own venv, with the rest of requirements.txt (triton's pin belongs to
+# the default torch; a CUDA torch brings the triton it needs). The package is built against
+# it and installed normally, away from the source tree: the in-place build's ganops/_C*.so
+# and _build_info.py stay the default .venv's. -P keeps the source tree off sys.path, so the
+# tests import the installed package (pytest's header says which); the tests import each
+# other as the package "tests", found through a link in the venv.
+# TORCH_VENV: reuse a venv elsewhere that already holds that torch (a CUDA torch is GBs).
+TORCH_VENV ?= .venv-torch-$(TORCH)
+OTHER_VENV := $(TORCH_VENV)
+OTHER_PY   := $(OTHER_VENV)/bin/python
+
+$(OTHER_VENV)/.requirements: requirements.txt
+	test -x $(OTHER_PY) || $(PYTHON_BOOT) -m venv $(OTHER_VENV)
+	grep -v -E '^(torch|triton)([=<>! ]|$$)' requirements.txt > $(OTHER_VENV)/requirements-other.txt
+	$(OTHER_PY) -m pip install --quiet torch==$(TORCH) -r $(OTHER_VENV)/requirements-other.txt
+	touch $@
+
+test: $(OTHER_VENV)/.requirements
+	$(OTHER_PY) -m pip install --quiet --no-build-isolation --no-deps .
+	mkdir -p $(OTHER_VENV)/testroot && ln -sfn $(CURDIR)/tests $(OTHER_VENV)/testroot/tests
+	PYTHONPATH=$(OTHER_VENV)/testroot $(OTHER_PY) -P -m pytest tests
+endif
 
 # The differential suite with many random examples per test. The seed is printed first and
 # with any failure; `make fuzz SEED=<n>` replays a campaign, and hypothesis prints the
@@ -59,6 +86,22 @@ wheel-check: wheel
 # Registers, shared memory, stack and local memory of every compiled CUDA kernel.
 cuda-resources: build
 	$(PY) -m pytest -q -s tests/test_cuda_build.py
+
+# Builds against the torch of $(GPU_PYTHON) (the GPU machine's own, not a venv), then runs
+# the test suite, compute-sanitizer, CUDA-graph replays and the CUDA benchmarks.
+REPORT     ?= gpu-report
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --report $(REPORT) $(if $(QUICK),--quick,)
+
+# pytest and hypothesis (and their dependencies) as wheels in wheelhouse/, small enough to
+# carry to a GPU machine without network; gpu-check installs them from there when missing.
+# For each Python in WHEELHOUSE_PYTHONS: some of them ship compiled wheels per version.
+WHEELHOUSE_PYTHONS ?= 3.11 3.12
+wheelhouse: $(VENV)/.requirements
+	for v in $(WHEELHOUSE_PYTHONS); do \
+	  $(PY) -m pip download --quiet --only-binary=:all: --python-version $$v --dest wheelhouse \
+	    -r tools/gpu_check_requirements.txt || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info ganops/_C*.so ganops/_build_info.py

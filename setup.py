@@ -1,11 +1,17 @@
 """Build for ganops: one extension, ``ganops._C``.
 
 The C++ CPU kernels are always compiled. The CUDA kernels are compiled whenever a CUDA
-toolkit whose major version matches torch's is found, with or without a visible GPU.
+toolkit whose major version matches torch's is found, with or without a visible GPU. The
+build compiles against the torch that is installed (any torch >= 2.11).
 
 Environment variables:
   GANOPS_BUILD_CUDA      1: require the CUDA kernels; 0: skip them; unset: build them if a
-                         matching toolkit is found.
+                         matching toolkit is found; force: build them even when nvcc's CUDA
+                         major version differs from torch's (e.g. nvcc 13 against a torch
+                         built for CUDA 12), with a warning: the result may not load or run.
+  GANOPS_LOCAL_VERSION   1: the version carries a local tag naming the torch and CUDA it was
+                         built for (0.1.0+pt2141cu130), and the package requires exactly that
+                         torch. Otherwise it requires torch >= 2.11.
   TORCH_CUDA_ARCH_LIST   GPU architectures, e.g. "8.0;9.0+PTX". Default: the visible GPUs'
                          architectures, or "9.0+PTX" when none is visible.
   MAX_JOBS               parallel compile jobs (ninja). Default: one per 4 GiB of memory,
@@ -18,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -69,11 +76,12 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 def _decide_cuda():
     """Returns (build_cuda, reason)."""
     forced = os.environ.get("GANOPS_BUILD_CUDA")
-    if forced not in (None, "", "0", "1"):
-        raise SystemExit(f"GANOPS_BUILD_CUDA must be 0 or 1, got {forced!r}")
+    if forced not in (None, "", "0", "1", "force"):
+        raise SystemExit(f"GANOPS_BUILD_CUDA must be 0, 1 or force, got {forced!r}")
     if forced == "0":
         return False, "GANOPS_BUILD_CUDA=0"
     problem = None
+    mismatch = None
     if torch.version.cuda is None:
         problem = f"torch {torch.__version__} is not a CUDA build"
     elif cuda_home is None:
@@ -84,12 +92,20 @@ def _decide_cuda():
         if nvcc is None:
             problem = f"could not run {cuda_home}/bin/nvcc --version"
         elif nvcc[0] != torch_major:
-            problem = (f"nvcc {nvcc[0]}.{nvcc[1]} at {cuda_home} does not match the CUDA "
-                       f"{torch.version.cuda} torch was built with")
+            mismatch = (f"nvcc {nvcc[0]}.{nvcc[1]} at {cuda_home} does not match the CUDA "
+                        f"{torch.version.cuda} torch was built with")
+    if problem is None and mismatch is not None and forced == "force":
+        # The escape hatch: torch's headers compile with a newer nvcc, but the kernels then
+        # need the newer CUDA runtime beside torch's older one; say so loudly.
+        print(f"WARNING: GANOPS_BUILD_CUDA=force: building the CUDA kernels although {mismatch}. "
+              f"The extension may fail to load or to run on this torch; do not ship it.",
+              file=sys.stderr)
+        return True, f"forced (GANOPS_BUILD_CUDA=force) although {mismatch}"
+    problem = problem or mismatch
     if problem is None:
         return True, "CUDA toolkit found"
-    if forced == "1":
-        raise SystemExit(f"GANOPS_BUILD_CUDA=1 but the CUDA kernels cannot be built: {problem}")
+    if forced in ("1", "force"):
+        raise SystemExit(f"GANOPS_BUILD_CUDA={forced} but the CUDA kernels cannot be built: {problem}")
     return False, problem
 
 
@@ -124,8 +140,13 @@ else:
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
+TORCH_RELEASE = torch.__version__.split("+")[0]
+# The oldest torch the sources build against (no torch API newer than it is used).
+MIN_TORCH = "2.11"
+
+
 def _local_version_tag():
-    torch_tag = "pt" + "".join(torch.__version__.split("+")[0].split(".")[:3])
+    torch_tag = "pt" + "".join(TORCH_RELEASE.split(".")[:3])
     cuda_tag = ("cu" + "".join(torch.version.cuda.split(".")[:2])) if build_cuda else "cpu"
     return f"{torch_tag}{cuda_tag}"
 
@@ -146,15 +167,20 @@ def _write_build_info(path):
 
 
 class BuildExtensionInTree(BuildExtension.with_options(use_ninja=True)):
-    """Keeps object files under build/ in the source tree, one folder per architecture
-    list, so a second build (pip makes a fresh temporary directory for every install)
-    recompiles only what changed, and a wheel for other architectures does not throw the
-    development build's objects away. Writes the build facts beside the extension it built."""
+    """Keeps object files under build/ in the source tree, one folder per torch and
+    architecture list, so a second build (pip makes a fresh temporary directory for every
+    install) recompiles only what changed, and a wheel for other architectures or a build
+    against another torch (make test TORCH=...) does not throw the development build's
+    objects away. Writes the build facts beside the extension it built."""
 
     def finalize_options(self):
         super().finalize_options()
         arch_tag = re.sub(r"[^0-9A-Za-z]+", "_", arch_list) if build_cuda else "cpu"
-        self.build_temp = os.path.join(ROOT, "build", f"temp-{arch_tag}")
+        torch_tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+        self.build_temp = os.path.join(ROOT, "build", f"temp-pt{torch_tag}-{arch_tag}")
+        # distutils skips an extension whose file is newer than its sources, even when it
+        # was linked against another torch; ninja still recompiles only what changed.
+        self.force = True
 
     def run(self):
         super().run()
@@ -165,11 +191,16 @@ class BuildExtensionInTree(BuildExtension.with_options(use_ninja=True)):
 BASE_VERSION = "0.1.0"
 
 version = BASE_VERSION
+# Dynamic in pyproject.toml: a source build runs beside any torch it compiled against, a
+# wheel tagged for one torch only beside that torch (its compiled ops refuse any other).
+install_requires = [f"torch>={MIN_TORCH}"]
 if os.environ.get("GANOPS_LOCAL_VERSION", "0") == "1":
     version = f"{BASE_VERSION}+{_local_version_tag()}"
+    install_requires = [f"torch=={TORCH_RELEASE}"]
 
 setup(
     version=version,
+    install_requires=install_requires,
     packages=["ganops", "ganops.ops", "ganops.nn", "ganops.nn.utils", "ganops.triton_kernels"],
     package_dir={"ganops.triton_kernels": "triton_kernels"},
     ext_modules=[extension],

@@ -52,9 +52,11 @@ def _case(name, shapes, device, compile_reference=True, targets=(), rtol=1e-5):
         impls.append(impl(f"ganops {backend}", ganops.clip_grad_norm_, backend=backend))
     if compile_reference:
         impls.append(impl("torch.compile(torch clip)", torch.compile(torch_clip, fullgraph=True)))
+    # Memory-bound: the norm reads every gradient, the scale reads and writes it again.
     return Case(op="clip_grad_norm", name=name, device=device,
                 reference=impl("torch foreach=False", torch_clip, foreach=False),
-                impls=impls, rtol=rtol, atol=1e-7, targets=list(targets))
+                impls=impls, rtol=rtol, atol=1e-7, targets=list(targets),
+                bytes_moved=3 * sum(p.grad.nbytes for p in params))
 
 
 def cases(device: str) -> list[Case]:

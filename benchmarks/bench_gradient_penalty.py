@@ -40,7 +40,10 @@ def _penalty_case(device: str) -> Case:
     impls.append(Impl("torch.compile(eager)", fwd_bwd(torch.compile(eager_penalty, fullgraph=True))))
     return Case(op="gradient_penalty", name="penalty fwd+bwd, grads (64,3,64,64) fp32", device=device,
                 reference=Impl("eager", fwd_bwd(eager_penalty)), impls=impls, rtol=1e-5, atol=1e-7,
-                targets=[Target("ganops cpp", ("eager",), 3.0)])
+                targets=[Target("ganops cpp", ("eager",), 3.0)],
+                # Memory-bound: the forward reads grads, the backward reads them and writes
+                # their gradient.
+                bytes_moved=3 * grads.nbytes)
 
 
 def dcgan_critic(width: int = 64) -> nn.Module:

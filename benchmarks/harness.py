@@ -3,8 +3,11 @@
 A bench_<op>.py module defines ``cases(device) -> list[Case]``. For every case the runner
 first runs the reference and every other implementation once and compares their outputs
 (stopping loudly on a mismatch), then times each: warm-up calls, then the median of
-individually timed calls (CUDA: events after synchronisation). ``reset`` runs untimed
-before every call, for ops that work in place.
+individually timed calls (CUDA: events after synchronisation, and the L2 cache flushed
+before every call, so no call finds its inputs left in cache by the one before). ``reset``
+runs untimed before every call, for ops that work in place. A memory-bound case names the
+bytes an ideal implementation moves (``bytes_moved``), and the runner turns its times into
+GB/s and a fraction of the device's copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Case:
     atol: float
     targets: list[Target] = dataclasses.field(default_factory=list)
     measure_memory: bool = False
+    # For memory-bound cases: the bytes one call must read and write at the least.
+    bytes_moved: int | None = None
 
 
 class VerificationError(AssertionError):
@@ -114,6 +119,38 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_l2_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+def flush_l2(device: str) -> None:
+    """Writes a buffer twice the size of the GPU's L2 cache, evicting whatever a previous
+    call left there (an H200's 60 MiB L2 holds many benchmark inputs whole)."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    buf = _l2_flush_buffers.get(index)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 64 * 2**20
+        buf = _l2_flush_buffers[index] = torch.empty(2 * l2 // 4, dtype=torch.float32, device=f"cuda:{index}")
+    buf.fill_(1.0)
+
+
+def copy_bandwidth(device: str, nbytes: int = 2**30) -> dict[str, float]:
+    """The device's achievable memory bandwidth: a device-to-device copy of ``nbytes``
+    (read once, written once), timed like a case. Also the nominal peak from the device's
+    memory clock and bus width, where torch reports them."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    timing = time_impl(Impl("copy", lambda: dst.copy_(src)), device, min_time=0.2, max_reps=50)
+    result = {"bytes": 2 * nbytes, "seconds": timing["median"], "gbps": 2 * nbytes / timing["median"] / 1e9}
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        # Double data rate: two transfers per clock.
+        result["nominal_gbps"] = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    del src, dst
+    return result
+
+
 def time_impl(impl: Impl, device: str, min_time: float = 0.4, max_reps: int = 200,
               min_reps: int = 7, warmup: int = 3) -> dict[str, float]:
     """Median and spread of individually timed calls, in seconds."""
@@ -129,6 +166,7 @@ def time_impl(impl: Impl, device: str, min_time: float = 0.4, max_reps: int = 20
             impl.reset()
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush_l2(device)
             torch.cuda.synchronize()
             start.record()
             impl.fn()

@@ -1,10 +1,11 @@
 """Runs every op's benchmark: verify against the reference, then time, then report.
 
-    python -m benchmarks.run [--op OP] [--device cpu|cuda|all]
+    python -m benchmarks.run [--op OP] [--device cpu|cuda|all] [--json PATH] [--no-chart]
 
-Prints one table (op, case, implementation, median, speedup against the reference),
-checks each case's targets, writes benchmarks/results/results.json and results.png.
-Exits non-zero when an implementation disagrees with the reference.
+Prints one table (op, case, implementation, median, speedup against the reference, and
+for memory-bound CUDA cases GB/s and the fraction of the device's copy bandwidth), checks
+each case's targets, writes benchmarks/results/results.json and results.png. Exits
+non-zero when an implementation disagrees with the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import torch
 
 import benchmarks
-from benchmarks.harness import Case, VerificationError, peak_extra_memory, time_impl, verify
+from benchmarks.harness import Case, VerificationError, copy_bandwidth, peak_extra_memory, time_impl, verify
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -43,14 +44,20 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds:8.2f} s "
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, copy_gbps: float | None = None) -> dict:
+    """Verifies, then times every implementation. ``copy_gbps``: the device's measured copy
+    bandwidth, against which memory-bound cases are put."""
     errors = verify(case)
     rows = []
     for impl in [case.reference] + case.impls:
         timing = time_impl(impl, case.device)
         memory = peak_extra_memory(impl, case.device) if case.measure_memory else None
-        rows.append({"impl": impl.label, **timing, "peak_extra_bytes": memory,
-                     "max_error": errors.get(impl.label, 0.0 if impl is case.reference else None)})
+        row = {"impl": impl.label, **timing, "peak_extra_bytes": memory,
+               "max_error": errors.get(impl.label, 0.0 if impl is case.reference else None)}
+        if case.bytes_moved and case.device.startswith("cuda"):
+            row["gbps"] = case.bytes_moved / timing["median"] / 1e9
+            row["copy_fraction"] = row["gbps"] / copy_gbps if copy_gbps else None
+        rows.append(row)
     ref_median = rows[0]["median"]
     for row in rows:
         row["speedup"] = ref_median / row["median"]
@@ -77,8 +84,12 @@ def print_result(result: dict) -> None:
         mem_s = f"{mem / 2**20:9.1f} MiB" if mem is not None else ""
         err = row["max_error"]
         err_s = f"{err:9.2e}" if err is not None else "        -"
+        bw_s = ""
+        if row.get("gbps"):
+            frac = row.get("copy_fraction")
+            bw_s = f"  {row['gbps']:7.0f} GB/s" + (f" ({frac * 100:.0f}% of copy)" if frac else "")
         print(f"{result['op']:<26} {result['case']:<30} {row['impl']:<34} {_fmt_time(row['median'])} "
-              f"{row['speedup']:7.2f}x  {err_s} {mem_s}", flush=True)
+              f"{row['speedup']:7.2f}x  {err_s} {mem_s}{bw_s}", flush=True)
     for t in result["targets"]:
         line = (f"    target: {t['impl']} >= {t['required']:g}x the best of {', '.join(t['baselines'])}: "
                 f"{t['achieved']:.2f}x")
@@ -120,6 +131,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", help="only this op (bench_<op>.py)")
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    parser.add_argument("--json", help="write the results here (default benchmarks/results/results.json)")
+    parser.add_argument("--no-chart", action="store_true", help="no results.png (needs matplotlib)")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -129,28 +142,44 @@ def main(argv=None) -> int:
     import ganops
     print(f"ganops {ganops.build_info()['version']}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; backends on cpu: {ganops.available_backends('cpu')}", flush=True)
+    bandwidth = None
+    if "cuda" in devices:
+        bandwidth = copy_bandwidth("cuda")
+        nominal = bandwidth.get("nominal_gbps")
+        print(f"{torch.cuda.get_device_name()}: device-to-device copy {bandwidth['gbps']:.0f} GB/s"
+              + (f" (nominal peak {nominal:.0f} GB/s)" if nominal else ""), flush=True)
     print(f"{'op':<26} {'case':<30} {'implementation':<34} {'median':>11} {'speedup':>8}  {'max err':>9} "
           f"{'peak extra':>13}")
+    json_path = args.json or os.path.join(RESULTS_DIR, "results.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name() if bandwidth else None, "copy_bandwidth": bandwidth}
     results, failures = [], []
+
+    def write_json():
+        # After every case: a run cut short (gpu-check's timeout) keeps what it measured.
+        with open(json_path, "w") as f:
+            json.dump({"meta": {**meta, "failures": failures}, "results": results}, f, indent=1)
+
     for module in bench_modules(args.op):
         for device in devices:
             for case in module.cases(device):
                 try:
-                    result = run_case(case)
+                    result = run_case(case, bandwidth["gbps"] if bandwidth else None)
                 except VerificationError as exc:
                     print(f"VERIFICATION FAILED: {exc}", flush=True)
                     failures.append(str(exc))
-                    continue
-                print_result(result)
-                results.append(result)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "failures": failures}
-    with open(os.path.join(RESULTS_DIR, "results.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    if results:
-        write_chart(results, os.path.join(RESULTS_DIR, "results.png"))
-        print(f"wrote {os.path.join(RESULTS_DIR, 'results.json')} and results.png")
+                else:
+                    print_result(result)
+                    results.append(result)
+                write_json()
+    write_json()
+    print(f"wrote {json_path}")
+    if results and not args.no_chart:
+        chart = os.path.join(os.path.dirname(os.path.abspath(json_path)), "results.png")
+        write_chart(results, chart)
+        print(f"wrote {chart}")
     if failures:
         print(f"{len(failures)} case(s) failed verification", file=sys.stderr)
         return 1

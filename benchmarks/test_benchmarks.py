@@ -1,13 +1,15 @@
 """The benchmark runner's cases under pytest-benchmark: `make bench-pytest`.
 
 Each (case, implementation) is verified against the case's reference, then timed by
-pytest-benchmark with the case's untimed reset before every round.
+pytest-benchmark with the case's untimed reset before every round (on CUDA also the L2
+flush of the runner; pytest-benchmark times on the host, so the runner's CUDA events are
+the numbers to quote).
 """
 
 import pytest
 import torch
 
-from benchmarks.harness import _flatten, max_error
+from benchmarks.harness import _flatten, flush_l2, max_error
 from benchmarks.run import bench_modules
 
 
@@ -29,4 +31,16 @@ def test_benchmark(benchmark, case, impl):
     scale = max((r.double().abs().max().item() for r in ref if r.numel()), default=0.0)
     assert max_error(out, ref) <= case.atol + case.rtol * scale
     benchmark.group = f"{case.op}: {case.name} ({case.device})"
-    benchmark.pedantic(impl.fn, setup=impl.reset, rounds=20, warmup_rounds=2)
+    def setup():
+        if impl.reset:
+            impl.reset()
+        if case.device.startswith("cuda"):
+            flush_l2(case.device)
+            torch.cuda.synchronize()
+
+    def call():
+        impl.fn()
+        if case.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(call, setup=setup, rounds=20, warmup_rounds=2)

@@ -29,6 +29,26 @@ settings.register_profile("fuzz", derandomize=False, max_examples=int(os.environ
 settings.load_profile(os.environ.get("GANOPS_HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    """What this run tests: the torch, CUDA and triton in use, where ganops was imported
+    from and what it was built against, and the backends that serve each device."""
+    info = ganops.build_info()
+    gpu = torch.cuda.get_device_name(0) if HAS_CUDA else "none visible"
+    lines = [
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), GPU: {gpu}, "
+        f"triton {info['triton_version'] or 'not installed'}"
+        f"{', TRITON_INTERPRET=1' if ganops._backend.triton_interpret() else ''}",
+        f"ganops {info['version']} from {os.path.dirname(ganops.__file__)}, built against torch "
+        f"{info['torch_version']}, CUDA kernels: {info['cuda_kernels']} ({info['cuda_kernels_reason']})",
+    ]
+    if not info["extension_loaded"]:
+        lines.append(f"ganops compiled ops not loaded: {info['extension_error']}")
+    for device in ("cpu", "cuda"):
+        backends = info["available_backends"][device]
+        lines.append(f"backends on {device}: {', '.join(backends) if backends else 'none (no GPU)'}")
+    return lines
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none is visible")
 
 # Tolerances against a float64 result (DESIGN.md): float64 to ~1e-10, float32 to ~1e-5

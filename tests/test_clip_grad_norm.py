@@ -424,7 +424,9 @@ def test_backend_context_reaches_the_op(monkeypatch):
 
 def test_named_backend_that_cannot_serve_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ganops.BackendUnavailableError, match="TRITON_INTERPRET"):
+    # Without triton installed (a CPU-only torch) that is the reason given instead.
+    reason = "TRITON_INTERPRET" if ganops._backend._triton_installed() else "triton is not installed"
+    with pytest.raises(ganops.BackendUnavailableError, match=reason):
         ganops.clip_grad_norm_(make_params([(3,)]), 1.0, backend="triton")
     assert "triton" not in ganops.available_backends("cpu")
     # auto falls back silently

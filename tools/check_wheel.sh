@@ -16,6 +16,22 @@ cp -r tests "$work/tests"
 cp pyproject.toml "$work/"
 python_boot=${PYTHON_BOOT:-python3}
 
+echo "== $wheel names the torch it was built for"
+"$python_boot" - "$wheel" <<'PY'
+import re, sys, zipfile
+wheel = sys.argv[1]
+version = re.match(r"ganops-([^-]+)-", wheel.rsplit("/", 1)[-1]).group(1)
+with zipfile.ZipFile(wheel) as z:
+    meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    info = z.read("ganops/_build_info.py").decode()
+requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist: torch")]
+built_for = re.search(r"'torch_version': '([^'+]+)", info).group(1)
+# A local tag (+pt2141cu130) is a build for one torch: its metadata must pin exactly that one.
+assert "+pt" in version, f"{wheel}: no local version tag naming its torch"
+assert requires == [f"torch=={built_for}"], f"{wheel}: requires {requires}, built against torch {built_for}"
+print(f"{version}: Requires-Dist: {requires[0]}")
+PY
+
 echo "== $wheel beside torch 2.14.1"
 "$python_boot" -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet torch==2.14.1 triton==3.8.0 numpy pytest
