@@ -439,3 +439,16 @@ def test_infinite_entry_gives_the_same_gradient_on_every_backend(device, backend
     assert torch.isnan(o).item() != exclude_self  # exp(-NaN) kept when the self term is
     (dM,) = torch.autograd.grad(o, M, torch.ones_like(o))
     torch.testing.assert_close(dM, torch.zeros_like(M), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_zero_kernel_dims_double_backward_writes_zeros(device, backend):
+    """C = 0: every distance is 0, Q is 0, so d/dg is 0. With one program per column tile the
+    Triton double backward launched no program for C = 0 and returned uninitialised memory."""
+    M = torch.zeros(2, 4, 0, requires_grad=True, device=device)
+    grad = torch.randn(2, 4, device=device, requires_grad=True)
+    o = ganops.minibatch_similarity(M, exclude_self=False, backend=backend)
+    torch.testing.assert_close(o, torch.full((2, 4), 2.0, device=device))
+    (dM,) = torch.autograd.grad(o, M, grad, create_graph=True)
+    d_grad, d_M = torch.autograd.grad(dM, (grad, M), torch.zeros_like(M), allow_unused=True)
+    assert d_grad is None or torch.equal(d_grad, torch.zeros_like(grad))

@@ -162,7 +162,8 @@ def _launch_args(M: torch.Tensor, per_column: bool):
     each column tile gets its own programs."""
     N, B, C = M.shape
     bc = block_c(C)
-    n_col_tiles = triton.cdiv(C, bc) if per_column else 1
+    # At least one tile: with C = 0 the backward passes still write d/dg (zeros).
+    n_col_tiles = max(triton.cdiv(C, bc), 1) if per_column else 1
     grid = (triton.cdiv(N * B, BLOCK) * n_col_tiles,)
     return N, B, C, acc_tl(M.dtype), grid, n_col_tiles, dict(BLOCK=BLOCK, BLOCK_C=bc, ONE_TILE=C <= bc)
 

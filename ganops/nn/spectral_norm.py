@@ -29,7 +29,8 @@ class SpectralNorm(nn.Module):
     ``_v`` (numel / size(dim)) in the weight's dtype, drawn from N(0, 1) in that order,
     normalised, then 15 power iterations. In training mode each forward runs
     ``n_power_iterations`` more, in place; eval mode runs none. ``backend`` picks the
-    implementation (None: the current ganops backend).
+    implementation (None: the current ganops backend); complex weights are computed by the
+    pure-PyTorch reference (conjugate transpose) whatever it says, the kernels being real.
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
