@@ -426,14 +426,19 @@ def test_gradient_penalty_and_r1(device, backend, data):
     else:
         penalty = ganops.r1_penalty(critic, real, gamma=10.0, backend=backend)
     p64, p_low = plain(critic64, torch.float64), plain(critic_low, dtype)
-    # The last layer's bias does not reach the input gradient: no gradient (None) on all sides.
+    # The last layer's bias does not reach the input gradient: the plain formula leaves it
+    # without a gradient (None), while ganops gives every parameter of the forward one, zero
+    # where the penalty does not reach (so DDP sees them all, as lazy R1 needs).
     grads = torch.autograd.grad(penalty, list(critic.parameters()), allow_unused=True)
     grads64 = torch.autograd.grad(p64, list(critic64.parameters()), allow_unused=True)
     grads_low = torch.autograd.grad(p_low, list(critic_low.parameters()), allow_unused=True)
     assert_agree(penalty, p64, p_low, dtype, "penalty")
     for i, (got, e, lo) in enumerate(zip(grads, grads64, grads_low)):
-        assert (got is None) == (e is None), f"critic parameter {i}: gradient {got} against {e}"
-        if e is not None:
+        assert got is not None, f"critic parameter {i} got no gradient"
+        if e is None:
+            assert lo is None
+            assert torch.equal(got, torch.zeros_like(got)), f"critic parameter {i}: {got} where the penalty is 0"
+        else:
             assert_agree(got, e, lo, dtype, f"critic parameter {i} gradient")
 
 
