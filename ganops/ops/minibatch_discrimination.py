@@ -61,13 +61,17 @@ def _check_exclude_self(exclude_self) -> bool:
 
 def minibatch_similarity_reference(M: torch.Tensor, exclude_self: bool = True) -> torch.Tensor:
     """Pure-PyTorch o (N, B) by broadcasting: holds the N×N×B×C differences, computes in
-    M's dtype, and is differentiable any number of times by autograd.
+    M's dtype (float32 for half types, as the kernels accumulate), and is differentiable any
+    number of times by autograd.
 
     The self term j = i carries no gradient (its distance is 0 whatever M is), as in the
     kernels: its differences are zeroed before autograd sees them, so an infinite entry's
     NaN self-difference (inf − inf) cannot reach the gradient through 0 · NaN. Its value,
     kept with ``exclude_self=False``, is computed apart and detached: NaN for a non-finite
     row, as the kernels give, else 1."""
+    if M.dtype in (torch.float16, torch.bfloat16):
+        # Sums of N exponentials and their double backward lose too much in a 8-bit mantissa.
+        return minibatch_similarity_reference(M.float(), exclude_self).to(M.dtype)
     diff = M.unsqueeze(1) - M.unsqueeze(0)
     eye = torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
     diff = diff.masked_fill(eye[:, :, None, None], 0)
