@@ -399,6 +399,7 @@ def test_torchgan_state_dict_and_output(device, backend):
 def test_triton_column_tile_is_capped():
     """BLOCK_C was next_pow2(C) with no cap: a [64, 128] tile spills registers and past 2^20
     elements per tile the kernel does not compile. Columns now come in tiles of at most 64."""
+    pytest.importorskip("triton")
     from ganops.triton_kernels import minibatch_discrimination as kernels
     assert kernels.block_c(5) == 8
     assert kernels.block_c(64) == 64
