@@ -34,7 +34,8 @@ PY
 
 echo "== $wheel beside torch 2.14.1"
 "$python_boot" -m venv "$work/venv"
-"$work/venv/bin/pip" install --quiet torch==2.14.1 triton==3.8.0 numpy pytest
+# The test suite's own dependencies, at requirements.txt's pins (hypothesis: the differential suite).
+"$work/venv/bin/pip" install --quiet torch==2.14.1 triton==3.8.0 numpy pytest "$(grep -E '^hypothesis==' requirements.txt)"
 "$work/venv/bin/pip" install --quiet --no-deps "$wheel"
 cd "$work"
 venv/bin/python -m ganops
