@@ -35,8 +35,7 @@ else
 # the default torch; a CUDA torch brings the triton it needs). The package is built against
 # it and installed normally, away from the source tree: the in-place build's ganops/_C*.so
 # and _build_info.py stay the default .venv's. -P keeps the source tree off sys.path, so the
-# tests import the installed package (pytest's header says which); the tests import each
-# other as the package "tests", found through a link in the venv.
+# tests import the installed package (pytest's header says which).
 # TORCH_VENV: reuse a venv elsewhere that already holds that torch (a CUDA torch is GBs).
 TORCH_VENV ?= .venv-torch-$(TORCH)
 OTHER_VENV := $(TORCH_VENV)
@@ -50,8 +49,7 @@ $(OTHER_VENV)/.requirements: requirements.txt
 
 test: $(OTHER_VENV)/.requirements
 	$(OTHER_PY) -m pip install --quiet --no-build-isolation --no-deps .
-	mkdir -p $(OTHER_VENV)/testroot && ln -sfn $(CURDIR)/tests $(OTHER_VENV)/testroot/tests
-	PYTHONPATH=$(OTHER_VENV)/testroot $(OTHER_PY) -P -m pytest tests
+	$(OTHER_PY) -P -m pytest tests
 endif
 
 # The differential suite with many random examples per test. The seed is printed first and

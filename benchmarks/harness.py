@@ -97,21 +97,27 @@ def max_error(out, ref) -> float:
     return worst
 
 
+def reference_outputs(case: Case) -> list[torch.Tensor]:
+    """The reference's outputs, run once and kept (the reference may reuse its buffers)."""
+    return [r.detach().clone() for r in _flatten(case.reference.outputs())]
+
+
+def check(case: Case, impl: Impl, ref: list[torch.Tensor]) -> float:
+    """Runs ``impl`` once; its max error against ``ref``, or VerificationError past the case's
+    tolerance (atol + rtol x the largest reference value)."""
+    err = max_error(impl.outputs(), ref)
+    scale = max((r.detach().double().abs().max().item() for r in ref if r.numel()), default=0.0)
+    if err > case.atol + case.rtol * scale:
+        raise VerificationError(
+            f"{case.op} / {case.name}: {impl.label} differs from the reference by {err:.3g} "
+            f"(allowed {case.atol:g} + {case.rtol:g} x {scale:.3g})")
+    return err
+
+
 def verify(case: Case) -> dict[str, float]:
     """Runs the reference and every checked implementation once; returns their max errors."""
-    ref = [r.detach().clone() for r in _flatten(case.reference.outputs())]
-    errors = {}
-    for impl in case.impls:
-        if not impl.check:
-            continue
-        err = max_error(impl.outputs(), ref)
-        scale = max((r.detach().double().abs().max().item() for r in ref if r.numel()), default=0.0)
-        if err > case.atol + case.rtol * scale:
-            raise VerificationError(
-                f"{case.op} / {case.name}: {impl.label} differs from the reference by {err:.3g} "
-                f"(allowed {case.atol:g} + {case.rtol:g} x {scale:.3g})")
-        errors[impl.label] = err
-    return errors
+    ref = reference_outputs(case)
+    return {impl.label: check(case, impl, ref) for impl in case.impls if impl.check}
 
 
 def _sync(device: str) -> None:

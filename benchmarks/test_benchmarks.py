@@ -9,7 +9,7 @@ the numbers to quote).
 import pytest
 import torch
 
-from benchmarks.harness import _flatten, flush_l2, max_error
+from benchmarks.harness import check, flush_l2, reference_outputs
 from benchmarks.run import bench_modules
 
 
@@ -26,10 +26,7 @@ def _params():
 
 @pytest.mark.parametrize("case,impl", _params())
 def test_benchmark(benchmark, case, impl):
-    ref = [t.detach().clone() for t in _flatten(case.reference.outputs())]
-    out = impl.outputs()
-    scale = max((r.double().abs().max().item() for r in ref if r.numel()), default=0.0)
-    assert max_error(out, ref) <= case.atol + case.rtol * scale
+    check(case, impl, reference_outputs(case))
     benchmark.group = f"{case.op}: {case.name} ({case.device})"
     def setup():
         if impl.reset:

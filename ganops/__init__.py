@@ -5,17 +5,17 @@ entry point; ``backend=`` or ``use_backend`` picks one, ``auto`` takes the faste
 serve the tensors' device.
 """
 
-from ganops import _ext
+from ganops import nn
 from ganops._backend import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
+    build_info,
     get_backend,
     set_backend,
     use_backend,
 )
-from ganops._ext import build_info
-from ganops.nn.spectral_norm import SpectralNorm, spectral_norm
+from ganops.nn import SpectralNorm, spectral_norm
 from ganops.ops.clip_grad_norm import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -32,9 +32,6 @@ from ganops.ops.gradient_penalty import (
 )
 from ganops.ops.minibatch_discrimination import minibatch_similarity
 from ganops.ops.spectral_norm import spectral_normalize
-from ganops import nn  # noqa: E402  (ganops.nn.MinibatchDiscrimination after a plain import ganops)
-
-_ext.load()
 
 __all__ = [
     "BACKENDS",

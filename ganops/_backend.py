@@ -96,7 +96,7 @@ def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
         if not _ext.load():
             return _ext.load_error()
         if device.type == "cuda" and not _ext.has_cuda_kernels():
-            reason = _ext.build_info().get("cuda_kernels_reason")
+            reason = _ext.build_facts().get("cuda_kernels_reason")
             return f"ganops was built without its CUDA kernels ({reason})"
         return None
     if backend == "triton":
@@ -126,3 +126,21 @@ def resolve(backend: str | None, device: torch.device | str) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"ganops backend {name!r} cannot run on {torch.device(device)} tensors: {reason}")
     return name
+
+
+def build_info() -> dict:
+    """Facts of this installation's build (versions, CUDA architectures, whether the compiled
+    extension loaded and why not), the runtime torch and triton, and the backends that serve
+    each device here."""
+    info = _ext.build_facts()
+    info["runtime_torch_version"] = torch.__version__
+    try:
+        import triton
+        info["triton_version"] = triton.__version__
+    except ImportError:
+        info["triton_version"] = None
+    info["available_backends"] = {
+        "cpu": available_backends("cpu"),
+        "cuda": available_backends("cuda") if torch.cuda.is_available() else [],
+    }
+    return info

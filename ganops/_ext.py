@@ -1,4 +1,5 @@
-"""Loading the compiled extension ``ganops._C`` and the facts of its build.
+"""Loading the compiled extension ``ganops._C`` and the facts of its build (imports nothing
+else of ganops: _backend builds on it).
 
 ``import ganops`` never fails because of the extension: when it is missing or does not
 load (most often a torch other than the one it was built against), ganops warns once,
@@ -58,22 +59,12 @@ def has_cuda_kernels() -> bool:
     return bool(load() and info and info["cuda_kernels"])
 
 
-def build_info() -> dict:
-    """Facts of this installation's build: versions, CUDA architectures, what loaded."""
+def build_facts() -> dict:
+    """Facts of this installation's build (versions, CUDA architectures) and whether the
+    extension loaded; ganops.build_info adds what can run here."""
     info = _build_info_module() or {"version": None, "torch_version": None, "torch_cuda_version": None,
                                     "cuda_kernels": False, "cuda_kernels_reason": "not built",
                                     "nvcc_version": None, "cuda_arch_list": ""}
     info["extension_loaded"] = load()
     info["extension_error"] = _load_error
-    info["runtime_torch_version"] = torch.__version__
-    try:
-        import triton
-        info["triton_version"] = triton.__version__
-    except ImportError:
-        info["triton_version"] = None
-    from ganops._backend import available_backends
-    info["available_backends"] = {
-        "cpu": available_backends("cpu"),
-        "cuda": available_backends("cuda") if torch.cuda.is_available() else [],
-    }
     return info

@@ -54,7 +54,7 @@ def pytest_report_header(config):
     return lines
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none is visible")
 
-# Tolerances against a float64 result (DESIGN.md): float64 to ~1e-10, float32 to ~1e-5
+# Tolerances against a float64 result (docs/design.md): float64 to ~1e-10, float32 to ~1e-5
 # relative. Half types are held to 2x the error of the reference run in that precision,
 # see assert_within_reference_error; these are the floors of that rule.
 TOLERANCES = {

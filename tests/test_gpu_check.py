@@ -2,6 +2,7 @@
 (what it can run runs, the rest is skipped with a reason, exit 0). The GPU steps themselves
 only run on a GPU machine (`make gpu-check`)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -18,14 +19,18 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "gpu_chec
                                 reason="tools/ is not beside the tests (an installed package is tested)")
 
 
-@pytest.fixture
-def gpu_check():
+def _tool(name: str):
+    """tools/<name>.py imported as a module, for the length of a test."""
     sys.path.insert(0, TOOLS)
     try:
-        import gpu_check
-        yield gpu_check
+        yield importlib.import_module(name)
     finally:
         sys.path.remove(TOOLS)
+
+
+@pytest.fixture
+def gpu_check():
+    yield from _tool("gpu_check")
 
 
 def test_a_step_past_its_timeout_is_killed_and_reported(gpu_check, tmp_path):
@@ -89,12 +94,7 @@ def test_without_a_gpu_it_runs_what_it_can_and_says_what_it_skipped(tmp_path):
 
 @pytest.fixture
 def gpu_workloads():
-    sys.path.insert(0, TOOLS)
-    try:
-        import gpu_workloads
-        yield gpu_workloads
-    finally:
-        sys.path.remove(TOOLS)
+    yield from _tool("gpu_workloads")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])

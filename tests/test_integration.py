@@ -28,23 +28,29 @@ class NaiveMinibatchDiscrimination(nn.Module):
         return torch.cat([x, o], 1)
 
 
-def critics(dtype=torch.float64):
-    """(ganops critic, plain-PyTorch critic) with identical parameters and power-iteration state."""
+def paired_critics(spectral_norm, torch_spectral_norm, seed, dtype):
+    """(ganops critic, plain-PyTorch critic) with identical parameters and power-iteration
+    state: spectral-normalised linear layers around a minibatch-discrimination layer."""
     def build(spectral_norm, mbd):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return nn.Sequential(
             spectral_norm(nn.Linear(6, 16)), nn.LeakyReLU(0.2),
             spectral_norm(nn.Linear(16, 12)), nn.LeakyReLU(0.2),
-            # Small T keeps the similarities away from 0, so the layer matters to the result.
             mbd(12, 5, 3),
             spectral_norm(nn.Linear(12 + 5, 1))).to(dtype)
 
-    ours = build(ganops.spectral_norm, MinibatchDiscrimination)
-    ref = build(torch.nn.utils.parametrizations.spectral_norm, NaiveMinibatchDiscrimination)
+    ours = build(spectral_norm, MinibatchDiscrimination)
+    ref = build(torch_spectral_norm, NaiveMinibatchDiscrimination)
     with torch.no_grad():
+        # Small T keeps the similarities away from 0, so the layer matters to the result.
         ours[4].T.mul_(0.05)
     ref.load_state_dict(ours.state_dict())
     return ours, ref
+
+
+def critics(dtype=torch.float64):
+    """The parametrization API on both sides."""
+    return paired_critics(ganops.spectral_norm, torch.nn.utils.parametrizations.spectral_norm, 0, dtype)
 
 
 def canonical_gp(critic, real, fake, alpha, weight=10.0):
@@ -98,22 +104,9 @@ def test_r1_critic_step_through_every_op(device, backend):
 
 
 def hook_api_critics(backend, dtype=torch.float64):
-    """(ganops critic, torch critic) in StudioGAN's style: the hook-API spectral norm
-    (weight_orig, weight_u, weight_v), a minibatch-discrimination layer, the same seed."""
-    def build(spectral_norm, mbd):
-        torch.manual_seed(3)
-        return nn.Sequential(
-            spectral_norm(nn.Linear(6, 16)), nn.LeakyReLU(0.2),
-            spectral_norm(nn.Linear(16, 12)), nn.LeakyReLU(0.2),
-            mbd(12, 5, 3),
-            spectral_norm(nn.Linear(12 + 5, 1))).to(dtype)
-
-    ours = build(lambda m: ganops.nn.utils.spectral_norm(m, backend=backend), MinibatchDiscrimination)
-    ref = build(torch.nn.utils.spectral_norm, NaiveMinibatchDiscrimination)
-    with torch.no_grad():
-        ours[4].T.mul_(0.05)
-    ref.load_state_dict(ours.state_dict())
-    return ours, ref
+    """StudioGAN's style: the hook-API spectral norm (weight_orig, weight_u, weight_v)."""
+    return paired_critics(lambda m: ganops.nn.utils.spectral_norm(m, backend=backend), torch.nn.utils.spectral_norm,
+                          3, dtype)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params(("cpu",))])

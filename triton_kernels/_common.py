@@ -1,5 +1,6 @@
-"""What the Triton kernels of every op share: the accumulation dtype, correctly rounded
-division and square root, exact float64 scalar arguments, and the launch device guard.
+"""What the Triton kernels of every op share: the accumulation dtype (ganops._checks' rule),
+correctly rounded division and square root, exact float64 scalar arguments, and the launch
+device guard.
 
 - Triton lowers ``x / y`` on float32 to the approximate ``div.full.f32`` (2 ulp) and
   ``tl.sqrt`` to ``sqrt.approx.f32``; the C++ kernels divide and take square roots
@@ -24,15 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype: float64 for float64, float32 for every other float."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ganops._checks import acc_dtype  # noqa: F401  (the kernels' rule is the package's: imported here)
 
 
 def acc_tl(dtype: torch.dtype):
-    """acc_dtype as a Triton type."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The accumulation dtype (ganops._checks.acc_dtype) as a Triton type."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 @triton.jit

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_tl
+
 # Must match kChunkSize in csrc/clip_grad_norm/clip_grad_norm.h: the tables are the same.
 CHUNK_SIZE = 16384
 BLOCK = 1024
@@ -311,8 +313,6 @@ class _Work:
                 t.copy_(w)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _norm(w: _Work, norm_type: float, per_tensor: bool):
@@ -325,7 +325,7 @@ def _norm(w: _Work, norm_type: float, per_tensor: bool):
     with _on(device):
         for dtype, first, count in w.groups:
             _chunk_partial_kernel[(count,)](w.table, n, w.n_chunks, first, partials, _bits(norm_type, dtype),
-                                            KIND=kind, DTYPE=_TL_DTYPES[dtype], ACC=_acc_dtype(dtype),
+                                            KIND=kind, DTYPE=_TL_DTYPES[dtype], ACC=acc_tl(dtype),
                                             BLOCK=BLOCK)
         _finish_kernel[(1,)](w.table, n, partials, per if per_tensor else total, total,
                              _bits(inv_p, out_dtype), KIND=kind, PER_TENSOR=per_tensor,
@@ -338,7 +338,7 @@ def _scale_(w: _Work, total_norm: torch.Tensor, max_norm: float) -> None:
     with _on(w.device):
         for dtype, first, count in w.groups:
             _chunk_scale_kernel[(count,)](w.table, len(w.work), w.n_chunks, first, total_norm, max_norm_bits,
-                                          DTYPE=_TL_DTYPES[dtype], ACC=_acc_dtype(dtype), BLOCK=BLOCK)
+                                          DTYPE=_TL_DTYPES[dtype], ACC=acc_tl(dtype), BLOCK=BLOCK)
 
 
 def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float, per_tensor: bool):
@@ -379,5 +379,5 @@ def multi_tensor_clamp_(tensors: list[torch.Tensor], clip_value: float) -> None:
             _chunk_clamp_kernel[(count,)](w.table, len(w.work), w.n_chunks, first,
                                           _bits(_rounded(-clip_value, dtype), dtype),
                                           _bits(_rounded(clip_value, dtype), dtype), DTYPE=_TL_DTYPES[dtype],
-                                          ACC=_acc_dtype(dtype), BLOCK=BLOCK)
+                                          ACC=acc_tl(dtype), BLOCK=BLOCK)
     w.write_back()

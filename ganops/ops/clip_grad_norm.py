@@ -12,10 +12,10 @@ gradients accumulate in float32 and their norm comes back in float32 (the result
 float64 if any gradient is float64, else float32); gradients of mixed dtypes and devices
 are fine in one call.
 
-Registered ops: ``ganops::multi_tensor_norm`` / ``ganops::multi_tensor_scale_`` /
-``ganops::multi_tensor_clamp_`` (cpp: CPU and CUDA kernels) and their Triton twins
-``ganops::multi_tensor_norm_triton`` / ``ganops::multi_tensor_scale_triton_`` /
-``ganops::multi_tensor_clamp_triton_``. The ``torch`` backend is the reference below.
+Registered ops (ganops._library): ``multi_tensor_norm``, ``multi_tensor_scale_``,
+``clip_grad_norm_`` (both in one call) and ``multi_tensor_clamp_``, each with a CPU, a CUDA and
+a Triton kernel; the ``torch`` backend is the reference below. DTensor gradients (FSDP2) go
+through ganops._distributed.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ganops import _backend, _ext
-from ganops._checks import check_number
-from ganops._dtensor import is_dtensor
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ganops import _distributed, _library
+from ganops._checks import FLOAT_DTYPES, acc_dtype, check_number, check_tensor
+from ganops._distributed import is_dtensor
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,11 +61,7 @@ def _tensor_list(tensors, name: str) -> list[torch.Tensor]:
 
 def _check_grads(grads: list[torch.Tensor], name: str) -> None:
     for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise TypeError(f"{name}[{i}] is a {g.layout} tensor; ganops supports dense gradients only")
-        if g.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}[{i}] has dtype {g.dtype}; ganops supports float16, bfloat16, "
-                            f"float32 and float64 gradients")
+        check_tensor(g, f"{name}[{i}]", what="gradients")
 
 
 def _grads_of(parameters, warn_empty_generator: bool = False) -> list[torch.Tensor]:
@@ -121,11 +115,11 @@ def multi_tensor_norm_reference(tensors: list[torch.Tensor], norm_type: float, p
     norms = torch.zeros(len(tensors), dtype=out_dtype, device=tensors[0].device)
     nonempty = [k for k, t in enumerate(tensors) if t.numel() > 0]
     use_foreach = foreach if foreach is not None else tensors[0].device.type == "cuda"
-    for dtype in _FLOAT_DTYPES:
+    for dtype in FLOAT_DTYPES:
         idx = [k for k in nonempty if tensors[k].dtype == dtype]
         if not idx:
             continue
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = acc_dtype(dtype)
         group = [tensors[k] for k in idx]
         if use_foreach:
             group_norms = torch._foreach_norm(group, norm_type, dtype=acc)
@@ -138,7 +132,9 @@ def multi_tensor_norm_reference(tensors: list[torch.Tensor], norm_type: float, p
 
 def multi_tensor_scale_reference_(tensors: list[torch.Tensor], total_norm: torch.Tensor,
                                   max_norm: float) -> None:
-    """Pure-PyTorch in-place scale by min(max_norm / (total_norm + 1e-6), 1)."""
+    """Pure-PyTorch in-place scale by min(max_norm / (total_norm + 1e-6), 1). Like the
+    kernels, it checks every tensor before it changes any."""
+    _check_grads(tensors, "tensors")
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for t in tensors:
         t.mul_(_to_device(coef, t.device))
@@ -147,7 +143,9 @@ def multi_tensor_scale_reference_(tensors: list[torch.Tensor], total_norm: torch
 def multi_tensor_clamp_reference_(tensors: list[torch.Tensor], clip_value: float,
                                   foreach: bool | None = None) -> None:
     """Pure-PyTorch in-place clamp to [-clip_value, clip_value], as clip_grad_value_ does it:
-    the lower bound first, then the upper one (NaN stays NaN)."""
+    the lower bound first, then the upper one (NaN stays NaN). Like the kernels, it checks
+    every tensor before it changes any."""
+    _check_grads(tensors, "parameters' gradients")
     use_foreach = foreach if foreach is not None else tensors[0].device.type == "cuda"
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
@@ -165,9 +163,28 @@ def multi_tensor_clamp_reference_(tensors: list[torch.Tensor], clip_value: float
                 t.clamp_(min=-c, max=c)
 
 
+def clip_grad_norm_reference_(grads: list[torch.Tensor], max_norm: float, norm_type: float,
+                              foreach: bool | None = None) -> torch.Tensor:
+    """Pure-PyTorch clip of gradients on one device: the norm, then the scale; returns the norm."""
+    _check_grads(grads, "parameters' gradients")
+    total, _ = multi_tensor_norm_reference(grads, norm_type, False, foreach)
+    multi_tensor_scale_reference_(grads, total, max_norm)
+    return total
+
+
 # ---------------------------------------------------------------------------------------
-# Registered ops: fake impls for the compiled ops, Triton ops around their launchers
+# Registered ops
 # ---------------------------------------------------------------------------------------
+
+def _grads_examples(device, dtype):
+    """Gradient sets: small tensors, one spanning several chunks, a non-contiguous one, an
+    empty one and a float32 one beside the dtype under test; one past the CPU kernels'
+    threshold for a second thread; a single element."""
+    def make(*shape):
+        return torch.randn(shape, device=device, dtype=dtype)
+    return [[make(3, 4), make(40000), make(6, 5).t(), make(0), torch.randn(7, device=device)],
+            [make(300000), make(20000, 3)], [make(1)]]
+
 
 def _norm_fake(tensors, norm_type, per_tensor):
     dtype = _result_dtype(tensors)
@@ -175,56 +192,31 @@ def _norm_fake(tensors, norm_type, per_tensor):
     return like.new_empty((), dtype=dtype), like.new_empty((len(tensors) if per_tensor else 0,), dtype=dtype)
 
 
-def _scale_fake(tensors, total_norm, max_norm):
-    return None
+MULTI_TENSOR_NORM = _library.define(
+    "multi_tensor_norm", "(Tensor[] tensors, float norm_type, bool per_tensor) -> (Tensor, Tensor)",
+    fake=_norm_fake, reference=multi_tensor_norm_reference, triton="clip_grad_norm.multi_tensor_norm",
+    examples=lambda device, dtype: [(ts, p, per) for ts in _grads_examples(device, dtype)
+                                    for p, per in [(2.0, True), (1.0, False), (math.inf, True), (3.5, True)]])
 
+MULTI_TENSOR_SCALE = _library.define(
+    "multi_tensor_scale_", "(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()",
+    fake=lambda tensors, total_norm, max_norm: None,
+    reference=multi_tensor_scale_reference_, triton="clip_grad_norm.multi_tensor_scale_",
+    examples=lambda device, dtype: [(ts, torch.full((), total, device=device), max_norm)
+                                    for ts in _grads_examples(device, dtype)
+                                    for total, max_norm in [(50.0, 1.0), (0.5, 1.0)]])
 
-def _clamp_fake(tensors, clip_value):
-    return None
+CLIP_GRAD_NORM = _library.define(
+    "clip_grad_norm_", "(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor",
+    fake=lambda grads, max_norm, norm_type: grads[0].new_empty((), dtype=_result_dtype(grads)),
+    reference=clip_grad_norm_reference_, triton="clip_grad_norm.clip_grad_norm_",
+    examples=lambda device, dtype: [(ts, 1.0, p) for ts in _grads_examples(device, dtype) for p in (2.0, math.inf)])
 
-
-if _ext.load():
-    torch.library.register_fake("ganops::multi_tensor_norm")(_norm_fake)
-    torch.library.register_fake("ganops::multi_tensor_scale_")(_scale_fake)
-    torch.library.register_fake("ganops::multi_tensor_clamp_")(_clamp_fake)
-
-
-@torch.library.custom_op("ganops::multi_tensor_norm_triton", mutates_args=())
-def _multi_tensor_norm_triton(tensors: list[torch.Tensor], norm_type: float,
-                              per_tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from ganops.triton_kernels import clip_grad_norm as kernels
-    return kernels.multi_tensor_norm(tensors, norm_type, per_tensor)
-
-
-@torch.library.custom_op("ganops::multi_tensor_scale_triton_", mutates_args=("tensors",))
-def _multi_tensor_scale_triton_(tensors: list[torch.Tensor], total_norm: torch.Tensor,
-                                max_norm: float) -> None:
-    from ganops.triton_kernels import clip_grad_norm as kernels
-    kernels.multi_tensor_scale_(tensors, total_norm, max_norm)
-
-
-@torch.library.custom_op("ganops::clip_grad_norm_triton_", mutates_args=("grads",))
-def _clip_grad_norm_triton_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
-    from ganops.triton_kernels import clip_grad_norm as kernels
-    return kernels.clip_grad_norm_(grads, max_norm, norm_type)
-
-
-@torch.library.custom_op("ganops::multi_tensor_clamp_triton_", mutates_args=("tensors",))
-def _multi_tensor_clamp_triton_(tensors: list[torch.Tensor], clip_value: float) -> None:
-    from ganops.triton_kernels import clip_grad_norm as kernels
-    kernels.multi_tensor_clamp_(tensors, clip_value)
-
-
-def _clip_fake(grads, max_norm, norm_type):
-    return grads[0].new_empty((), dtype=_result_dtype(grads))
-
-
-_multi_tensor_norm_triton.register_fake(_norm_fake)
-_multi_tensor_scale_triton_.register_fake(_scale_fake)
-_clip_grad_norm_triton_.register_fake(_clip_fake)
-_multi_tensor_clamp_triton_.register_fake(_clamp_fake)
-if _ext.load():
-    torch.library.register_fake("ganops::clip_grad_norm_")(_clip_fake)
+MULTI_TENSOR_CLAMP = _library.define(
+    "multi_tensor_clamp_", "(Tensor(a!)[] tensors, float clip_value) -> ()",
+    fake=lambda tensors, clip_value: None,
+    reference=multi_tensor_clamp_reference_, triton="clip_grad_norm.multi_tensor_clamp_",
+    examples=lambda device, dtype: [(ts, c) for ts in _grads_examples(device, dtype) for c in (0.5, -0.25)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,12 +231,8 @@ def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
 
 
 def _device_norm(tensors, norm_type, per_tensor, backend, foreach):
-    name = _backend.resolve(backend, tensors[0].device)
-    if name == "cpp":
-        return torch.ops.ganops.multi_tensor_norm(tensors, norm_type, per_tensor)
-    if name == "triton":
-        return torch.ops.ganops.multi_tensor_norm_triton(tensors, norm_type, per_tensor)
-    return multi_tensor_norm_reference(tensors, norm_type, per_tensor, foreach)
+    return _library.call(MULTI_TENSOR_NORM, backend, tensors[0].device, tensors, norm_type, per_tensor,
+                         foreach=foreach)
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -261,14 +249,8 @@ def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None 
 
 
 def _device_scale_(tensors, total_norm, max_norm, backend):
-    name = _backend.resolve(backend, tensors[0].device)
-    total_norm = _to_device(total_norm, tensors[0].device)
-    if name == "cpp":
-        torch.ops.ganops.multi_tensor_scale_(tensors, total_norm, max_norm)
-    elif name == "triton":
-        torch.ops.ganops.multi_tensor_scale_triton_(tensors, total_norm, max_norm)
-    else:
-        multi_tensor_scale_reference_(tensors, total_norm, max_norm)
+    device = tensors[0].device
+    _library.call(MULTI_TENSOR_SCALE, backend, device, tensors, _to_device(total_norm, device), max_norm)
 
 
 def _norms(tensors, norm_type, per_tensor, backend, foreach):
@@ -300,67 +282,14 @@ def _norms(tensors, norm_type, per_tensor, backend, foreach):
     return total, per
 
 
-# ---------------------------------------------------------------------------------------
-# Sharded gradients (DTensor, as FSDP2's fully_shard makes them)
-# ---------------------------------------------------------------------------------------
-
-def _dtensor_norms(grads, norm_type, backend, foreach):
-    """(total, per-tensor norms, mesh) of DTensor gradients, as plain tensors holding the
-    global values on every rank.
-
-    Each rank takes the norms of its local shards with the kernels, raises them to the p-th
-    power, and sums (max for inf) the entries of tensors sharded along a mesh dimension over
-    that dimension's process group: one all-reduce of one small vector per mesh dimension,
-    on the device, with no host synchronisation. Replicated tensors are counted once.
-    """
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    mesh = grads[0].device_mesh
-    for i, g in enumerate(grads):
-        if not isinstance(g, DTensor):
-            raise TypeError(f"parameters' gradients mix DTensors and plain tensors (gradient {i} is a "
-                            f"plain tensor); shard every parameter, or none")
-        if g.device_mesh != mesh:
-            raise ValueError(f"gradient {i} lives on another device mesh than gradient 0; "
-                             f"ganops clips gradients of one mesh per call")
-        if any(pl.is_partial() for pl in g.placements):
-            raise NotImplementedError(f"gradient {i} has a Partial placement; reduce it first "
-                                      f"(FSDP2 gradients are Shard or Replicate)")
-    _, per = _norms([g.to_local() for g in grads], norm_type, True, backend, foreach)
-    inf = norm_type == math.inf
-    powers = per if inf else per.pow(norm_type)
-    for dim in range(mesh.ndim):
-        sharded = [g.placements[dim].is_shard() for g in grads]
-        if not any(sharded):
-            continue
-        mask = torch.tensor(sharded)
-        mask = mask.pin_memory().to(per.device, non_blocking=True) if per.is_cuda else mask.to(per.device)
-        partial = torch.where(mask, powers, torch.zeros_like(powers))
-        dist.all_reduce(partial, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
-                        group=mesh.get_group(dim))
-        powers = torch.where(mask, partial, powers)
-    if inf:
-        return powers.max(), powers, mesh
-    return powers.sum().pow(1.0 / norm_type), powers.pow(1.0 / norm_type), mesh
-
-
 def _global_norms(tensors, norm_type, per_tensor, backend, foreach, name):
     """(total, per-tensor norms, mesh) of plain tensors (mesh None) or of DTensor shards."""
     if is_dtensor(tensors[0]):
-        return _dtensor_norms(tensors, norm_type, backend, foreach)
+        return _distributed.dtensor_norms(
+            tensors, norm_type, lambda local: _norms(local, norm_type, True, backend, foreach)[1])
     _check_grads(tensors, name)
     total, per = _norms(tensors, norm_type, per_tensor, backend, foreach)
     return total, per, None
-
-
-def _replicated(total: torch.Tensor, mesh):
-    from torch.distributed.tensor import DTensor, Replicate
-    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if is_dtensor(t) else t
 
 
 def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
@@ -392,7 +321,7 @@ def get_total_norm(tensors, norm_type: float | str = 2.0, error_if_nonfinite: bo
     total, _, mesh = _global_norms(tensors, p, False, backend, foreach, "tensors")
     if error_if_nonfinite:
         _raise_if_nonfinite(total, p)
-    return total if mesh is None else _replicated(total, mesh)
+    return total if mesh is None else _distributed.replicated(total, mesh)
 
 
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
@@ -418,19 +347,19 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 _SEVERAL_DEVICES = object()
 
 
-def _fused(op, grads, *args):
-    """``op(grads, *args)``: one compiled or Triton call over every gradient;
+def _fused(op, backend, grads, *args, **reference_options):
+    """``op(grads, *args)`` on the backend that serves: one call over every gradient;
     _SEVERAL_DEVICES where the gradients span several devices (the caller then goes device
     by device).
 
-    The kernels check every gradient before they touch any (dense, floating, one device)
-    and raise RuntimeError; checking here instead would cost a Python pass over thousands of
-    gradients on every call. On their refusal, _check_grads says what is wrong in the
-    caller's terms, with the message the `torch` backend gives.
+    The ops check every gradient before they touch any (dense, floating, one device) and
+    raise; checking here instead would cost a Python pass over thousands of gradients on
+    every call. On a RuntimeError, _check_grads says what is wrong in the caller's terms, with
+    the message every backend gives.
     """
     try:
         with torch.no_grad():
-            return op(grads, *args)
+            return _library.call(op, backend, grads[0].device, grads, *args, **reference_options)
     except RuntimeError:
         _check_grads(grads, "parameters' gradients")
         if len(_by_device(grads)) == 1:
@@ -440,7 +369,7 @@ def _fused(op, grads, *args):
 
 def _scale_all_(grads, total_norm, max_norm, backend):
     """Scales gradients (plain or DTensor, on any devices) by the clip coefficient of total_norm."""
-    grads = [_local(g) for g in grads]
+    grads = [_distributed.local(g) for g in grads]
     _check_grads(grads, "parameters' gradients")
     with torch.no_grad():
         for idx in _by_device(grads).values():
@@ -463,10 +392,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
     p = _check_norm_type(norm_type)
     if not grads:
         return torch.tensor(0.0)
-    name = _backend.resolve(backend, grads[0].device)
-    if name != "torch" and not error_if_nonfinite and not is_dtensor(grads[0]):
-        fused = torch.ops.ganops.clip_grad_norm_ if name == "cpp" else torch.ops.ganops.clip_grad_norm_triton_
-        total = _fused(fused, grads, max_norm, p)
+    if not error_if_nonfinite and not is_dtensor(grads[0]):
+        total = _fused(CLIP_GRAD_NORM, backend, grads, max_norm, p, foreach=foreach)
         if total is not _SEVERAL_DEVICES:
             return total
     with torch.no_grad():
@@ -474,7 +401,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float | str = 2.0,
         if error_if_nonfinite:
             _raise_if_nonfinite(total, p)
         _scale_all_(grads, total, max_norm, backend)
-    return total if mesh is None else _replicated(total, mesh)
+    return total if mesh is None else _distributed.replicated(total, mesh)
 
 
 def grad_norm(parameters, norm_type: float | str = 2.0, per_tensor: bool = False, *,
@@ -511,26 +438,10 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None,
     if not grads:
         return
     if is_dtensor(grads[0]):
-        grads = [_local(g) for g in grads]  # an elementwise clamp of each shard is the clamp
-    name = _backend.resolve(backend, grads[0].device)
-    if name != "torch":
-        fused = torch.ops.ganops.multi_tensor_clamp_ if name == "cpp" else torch.ops.ganops.multi_tensor_clamp_triton_
-        if _fused(fused, grads, clip_value) is _SEVERAL_DEVICES:
+        grads = [_distributed.local(g) for g in grads]  # an elementwise clamp of each shard is the clamp
+    if _fused(MULTI_TENSOR_CLAMP, backend, grads, clip_value, foreach=foreach) is _SEVERAL_DEVICES:
+        with torch.no_grad():
             for idx in _by_device(grads).values():
-                _device_clamp_([grads[k] for k in idx], clip_value, backend, foreach)
-        return
-    _check_grads(grads, "parameters' gradients")
-    with torch.no_grad():
-        for idx in _by_device(grads).values():
-            _device_clamp_([grads[k] for k in idx], clip_value, backend, foreach)
-
-
-def _device_clamp_(tensors, clip_value, backend, foreach):
-    name = _backend.resolve(backend, tensors[0].device)
-    with torch.no_grad():
-        if name == "cpp":
-            torch.ops.ganops.multi_tensor_clamp_(tensors, clip_value)
-        elif name == "triton":
-            torch.ops.ganops.multi_tensor_clamp_triton_(tensors, clip_value)
-        else:
-            multi_tensor_clamp_reference_(tensors, clip_value, foreach)
+                device_grads = [grads[k] for k in idx]
+                _library.call(MULTI_TENSOR_CLAMP, backend, device_grads[0].device, device_grads, clip_value,
+                              foreach=foreach)

@@ -22,20 +22,17 @@ With a ``torch.amp.GradScaler`` the input gradient is taken of the scaled critic
 unscaled inside the fused kernel by 1 / scale computed on the device: no host read of the
 scale. A non-finite gradient gives a non-finite penalty, so the scaler skips the step.
 
-Registered ops: ``ganops::interpolate``, ``ganops::interpolate_backward``,
-``ganops::gradient_norm_penalty``, ``ganops::gradient_norm_penalty_backward`` (cpp: CPU and
-CUDA kernels) and their ``*_triton`` twins. The ``torch`` backend is the reference below.
+Registered ops (ganops._library): ``interpolate``, ``interpolate_backward``,
+``gradient_norm_penalty``, ``gradient_norm_penalty_backward``, each with a CPU, a CUDA and a
+Triton kernel; the ``torch`` backend is the reference below.
 """
 
 from __future__ import annotations
 
-
 import torch
 
-from ganops import _backend, _ext
-from ganops._checks import check_number
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ganops import _backend, _distributed, _library
+from ganops._checks import FLOAT_DTYPES, acc_dtype, check_bool, check_number, check_tensor
 
 
 # ---------------------------------------------------------------------------------------
@@ -43,12 +40,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---------------------------------------------------------------------------------------
 
 def _check_samples(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} is a {t.layout} tensor; ganops supports dense tensors only")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    check_tensor(t, name)
     if t.dim() < 1 or t.shape[0] == 0 or t.numel() == 0:
         raise ValueError(f"{name} must have a batch dimension and at least one element per sample, "
                          f"got shape {tuple(t.shape)}")
@@ -67,21 +59,14 @@ def _check_pair(real, fake) -> None:
 
 def _alpha_per_sample(alpha, real: torch.Tensor) -> torch.Tensor:
     """alpha of shape (N,) or (N, 1, ..., 1), as (N,) in real's dtype."""
-    if not isinstance(alpha, torch.Tensor):
-        raise TypeError(f"alpha must be a tensor, got {type(alpha).__name__}")
+    check_tensor(alpha, "alpha")
     n = real.shape[0]
-    if alpha.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"alpha has dtype {alpha.dtype}; expected a floating dtype")
     if alpha.device != real.device:
         raise ValueError(f"alpha must be on real's device {real.device}, got {alpha.device}")
     if alpha.dim() < 1 or alpha.dim() > real.dim() or alpha.shape[0] != n or alpha.numel() != n:
         raise ValueError(f"alpha must have shape ({n},) or ({n}, 1, ...) with at most {real.dim()} dims, "
                          f"one value per sample; got {tuple(alpha.shape)}")
     return alpha.reshape(n).to(real.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _inv_scale_tensor(inv_scale, grads: torch.Tensor) -> torch.Tensor | None:
@@ -93,12 +78,12 @@ def _inv_scale_tensor(inv_scale, grads: torch.Tensor) -> torch.Tensor | None:
             raise ValueError(f"inv_scale must hold one value, got shape {tuple(inv_scale.shape)}")
         if inv_scale.device != grads.device:
             raise ValueError(f"inv_scale must be on grads' device {grads.device}, got {inv_scale.device}")
-        return inv_scale.detach().reshape(()).to(_acc_dtype(grads.dtype))
+        return inv_scale.detach().reshape(()).to(acc_dtype(grads.dtype))
     value = check_number(inv_scale, "inv_scale", minimum=0.0)
     # A fill kernel, not torch.tensor(value, device=...): that stages the value in host
     # memory and copies it with a blocking host-to-device transfer, a sync in the hot path
     # that a CUDA graph could not capture.
-    return torch.full((), value, dtype=_acc_dtype(grads.dtype), device=grads.device)
+    return torch.full((), value, dtype=acc_dtype(grads.dtype), device=grads.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,131 +92,62 @@ def _inv_scale_tensor(inv_scale, grads: torch.Tensor) -> torch.Tensor | None:
 
 def interpolate_reference(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """α_i · real + (1 − α_i) · fake in the accumulation dtype; alpha of shape (N,)."""
-    acc = _acc_dtype(real.dtype)
+    acc = acc_dtype(real.dtype)
     a = alpha.to(acc).reshape((-1,) + (1,) * (real.dim() - 1))
     return (a * real.to(acc) + (1 - a) * fake.to(acc)).to(real.dtype)
+
+
+def _per_sample_terms(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
+                      one_sided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h(n_i), n_i²) for each sample i, n_i = ‖inv_scale · grads_i‖₂, both (N,) in the
+    accumulation dtype; h in differentiable torch ops, n² detached (what the kernels save)."""
+    g = grads.reshape(grads.shape[0], -1).to(acc_dtype(grads.dtype))
+    if inv_scale is not None:
+        g = g * inv_scale
+    if center == 0:
+        terms = (g * g).sum(dim=1)
+        return terms, terms.detach()
+    # vector_norm's backward is 0 at a zero norm, never NaN.
+    norm = torch.linalg.vector_norm(g, dim=1)
+    d = norm - center
+    if one_sided:
+        d = d.clamp(min=0)
+    return d * d, norm.detach().square()
 
 
 def per_sample_penalty_terms(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
                              one_sided: bool) -> torch.Tensor:
     """h(‖inv_scale · grads_i‖₂) for each sample i, shape (N,), in the accumulation dtype
     (differentiable torch ops)."""
-    g = grads.reshape(grads.shape[0], -1).to(_acc_dtype(grads.dtype))
-    if inv_scale is not None:
-        g = g * inv_scale
-    if center == 0:
-        return (g * g).sum(dim=1)
-    # vector_norm's backward is 0 at a zero norm, never NaN.
-    d = torch.linalg.vector_norm(g, dim=1) - center
-    if one_sided:
-        d = d.clamp(min=0)
-    return d * d
+    return _per_sample_terms(grads, inv_scale, center, one_sided)[0]
 
 
 def gradient_norm_penalty_reference(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
-                                    one_sided: bool, weight: float) -> torch.Tensor:
-    """weight · mean_i h(‖inv_scale · grads_i‖₂) in the accumulation dtype, returned in grads' dtype."""
-    return (per_sample_penalty_terms(grads, inv_scale, center, one_sided).mean() * weight).to(grads.dtype)
+                                    one_sided: bool, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight · mean_i h(n_i) in grads' dtype, n_i² in the accumulation dtype), as the op
+    returns them; the penalty is computed in the accumulation dtype."""
+    terms, sumsq = _per_sample_terms(grads, inv_scale, center, one_sided)
+    return (terms.mean() * weight).to(grads.dtype), sumsq
 
 
-# ---------------------------------------------------------------------------------------
-# Registered ops: fake impls for the compiled ops, Triton ops around their launchers
-# ---------------------------------------------------------------------------------------
-
-def _interpolate_fake(real, fake, alpha):
-    return torch.empty_like(real, memory_format=torch.contiguous_format)
-
-
-def _interpolate_backward_fake(grad, real, fake, alpha, need_real, need_fake, need_alpha):
-    def like(flag):
-        return torch.empty_like(grad, memory_format=torch.contiguous_format) if flag else grad.new_empty(0)
-    return like(need_real), like(need_fake), alpha.new_empty(alpha.shape[0] if need_alpha else 0)
-
-
-def _penalty_fake(grads, inv_scale, center, one_sided, weight):
-    return grads.new_empty(()), grads.new_empty(grads.shape[0], dtype=_acc_dtype(grads.dtype))
-
-
-def _penalty_backward_fake(grad_penalty, grads, sumsq, inv_scale, center, one_sided, weight):
-    return torch.empty_like(grads, memory_format=torch.contiguous_format)
-
-
-if _ext.load():
-    torch.library.register_fake("ganops::interpolate")(_interpolate_fake)
-    torch.library.register_fake("ganops::interpolate_backward")(_interpolate_backward_fake)
-    torch.library.register_fake("ganops::gradient_norm_penalty")(_penalty_fake)
-    torch.library.register_fake("ganops::gradient_norm_penalty_backward")(_penalty_backward_fake)
-
-
-@torch.library.custom_op("ganops::interpolate_triton", mutates_args=())
-def _interpolate_triton(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    from ganops.triton_kernels import gradient_penalty as kernels
-    return kernels.interpolate(real, fake, alpha)
-
-
-@torch.library.custom_op("ganops::interpolate_backward_triton", mutates_args=())
-def _interpolate_backward_triton(grad: torch.Tensor, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor,
-                                 need_real: bool, need_fake: bool,
-                                 need_alpha: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ganops.triton_kernels import gradient_penalty as kernels
-    return kernels.interpolate_backward(grad, real, fake, alpha, need_real, need_fake, need_alpha)
-
-
-@torch.library.custom_op("ganops::gradient_norm_penalty_triton", mutates_args=())
-def _gradient_norm_penalty_triton(grads: torch.Tensor, inv_scale: torch.Tensor | None, center: float,
-                                  one_sided: bool, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from ganops.triton_kernels import gradient_penalty as kernels
-    return kernels.gradient_norm_penalty(grads, inv_scale, center, one_sided, weight)
-
-
-@torch.library.custom_op("ganops::gradient_norm_penalty_backward_triton", mutates_args=())
-def _gradient_norm_penalty_backward_triton(grad_penalty: torch.Tensor, grads: torch.Tensor, sumsq: torch.Tensor,
-                                           inv_scale: torch.Tensor | None, center: float, one_sided: bool,
-                                           weight: float) -> torch.Tensor:
-    from ganops.triton_kernels import gradient_penalty as kernels
-    return kernels.gradient_norm_penalty_backward(grad_penalty, grads, sumsq, inv_scale, center, one_sided, weight)
-
-
-_interpolate_triton.register_fake(_interpolate_fake)
-_interpolate_backward_triton.register_fake(_interpolate_backward_fake)
-_gradient_norm_penalty_triton.register_fake(_penalty_fake)
-_gradient_norm_penalty_backward_triton.register_fake(_penalty_backward_fake)
-
-
-# ---------------------------------------------------------------------------------------
-# Autograd: each forward op's backward is its backward op, on the same backend
-# ---------------------------------------------------------------------------------------
-
-def _interpolate_setup(ctx, inputs, output):
-    real, fake, alpha = inputs
-    need_alpha = ctx.needs_input_grad[2]
-    # alpha serves ∂real and ∂fake; real and fake serve only ∂alpha.
-    ctx.save_for_backward(real if need_alpha else None, fake if need_alpha else None, alpha)
-
-
-def _penalty_setup(ctx, inputs, output):
-    grads, inv_scale, center, one_sided, weight = inputs
-    ctx.save_for_backward(grads, output[1], inv_scale)
-    ctx.args = (center, one_sided, weight)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _interpolate_backward_composite(grad, real, fake, alpha, need_real, need_fake, need_alpha):
-    """interpolate's backward in differentiable torch ops (used under create_graph=True)."""
-    acc = _acc_dtype(grad.dtype)
+def interpolate_backward_reference(grad, real, fake, alpha, need_real: bool, need_fake: bool, need_alpha: bool):
+    """(∂real, ∂fake, ∂alpha) = (α_i · g, (1 − α_i) · g, Σ_j g · (real − fake) per sample) in
+    differentiable torch ops; an output not asked for is empty, as the kernels return it."""
+    acc = acc_dtype(grad.dtype)
     a = alpha.to(acc).reshape((-1,) + (1,) * (grad.dim() - 1))
     g = grad.to(acc)
-    grad_real = (a * g).to(grad.dtype) if need_real else None
-    grad_fake = ((1 - a) * g).to(grad.dtype) if need_fake else None
+    grad_real = (a * g).to(grad.dtype) if need_real else grad.new_empty(0)
+    grad_fake = ((1 - a) * g).to(grad.dtype) if need_fake else grad.new_empty(0)
     grad_alpha = ((g * (real.to(acc) - fake.to(acc))).reshape(g.shape[0], -1).sum(1).to(alpha.dtype)
-                  if need_alpha else None)
+                  if need_alpha else alpha.new_empty(0))
     return grad_real, grad_fake, grad_alpha
 
 
-def _penalty_backward_composite(grad_penalty, grads, inv_scale, center, one_sided, weight):
-    """The penalty's backward, go · weight / N · h'(n_i) / n_i · s² · grads_i, in differentiable
-    torch ops (used under create_graph=True, so third-order derivatives stay exact)."""
-    acc = _acc_dtype(grads.dtype)
+def gradient_norm_penalty_backward_reference(grad_penalty, grads, sumsq, inv_scale, center: float, one_sided: bool,
+                                             weight: float) -> torch.Tensor:
+    """The penalty's backward, go · weight / N · h'(n_i) / n_i · s² · grads_i, in
+    differentiable torch ops (so third-order derivatives stay exact); sumsq is not needed."""
+    acc = acc_dtype(grads.dtype)
     n = grads.shape[0]
     g = grads.reshape(n, -1).to(acc)
     if inv_scale is not None:
@@ -252,42 +168,126 @@ def _penalty_backward_composite(grad_penalty, grads, inv_scale, center, one_side
     return out.reshape(grads.shape).to(grads.dtype)
 
 
+# ---------------------------------------------------------------------------------------
+# Registered ops
+# ---------------------------------------------------------------------------------------
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _differentiating_backward(*tensors) -> bool:
     """Whether autograd records this backward (create_graph=True through it): then the fused
-    backward ops, which have no derivative of their own, give way to differentiable torch ops."""
+    backward ops, which have no derivative of their own, give way to the differentiable
+    reference."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _register_autograd(interpolate_op, interpolate_backward_op, penalty_op, penalty_backward_op):
-    def interpolate_backward(ctx, grad):
-        real, fake, alpha = ctx.saved_tensors
-        need_real, need_fake, need_alpha = ctx.needs_input_grad[:3]
-        if _differentiating_backward(grad, real, fake, alpha):
-            return _interpolate_backward_composite(grad, real, fake, alpha, need_real, need_fake, need_alpha)
+def _interpolate_setup(ctx, inputs, output):
+    real, fake, alpha = inputs
+    need_alpha = ctx.needs_input_grad[2]
+    # alpha serves ∂real and ∂fake; real and fake serve only ∂alpha.
+    ctx.save_for_backward(real if need_alpha else None, fake if need_alpha else None, alpha)
+
+
+def _interpolate_backward(kernels, ctx, grad):
+    real, fake, alpha = ctx.saved_tensors
+    need_real, need_fake, need_alpha = ctx.needs_input_grad[:3]
+    if _differentiating_backward(grad, real, fake, alpha):
+        backward = interpolate_backward_reference
+    else:
+        backward = kernels.interpolate_backward
         if real is None:
             # Not read without need_alpha: the kernel takes grad in their place.
             real = fake = grad
-        grad_real, grad_fake, grad_alpha = interpolate_backward_op(grad, real, fake, alpha, need_real, need_fake,
-                                                                   need_alpha)
-        return (grad_real if need_real else None, grad_fake if need_fake else None,
-                grad_alpha if need_alpha else None)
-
-    def penalty_backward(ctx, grad_penalty, grad_sumsq):
-        grads, sumsq, inv_scale = ctx.saved_tensors
-        if _differentiating_backward(grad_penalty, grads):
-            return _penalty_backward_composite(grad_penalty, grads, inv_scale, *ctx.args), None, None, None, None
-        grad_grads = penalty_backward_op(grad_penalty, grads, sumsq, inv_scale, *ctx.args)
-        return grad_grads, None, None, None, None
-
-    torch.library.register_autograd(interpolate_op, interpolate_backward, setup_context=_interpolate_setup)
-    torch.library.register_autograd(penalty_op, penalty_backward, setup_context=_penalty_setup)
+    grad_real, grad_fake, grad_alpha = backward(grad, real, fake, alpha, need_real, need_fake, need_alpha)
+    return grad_real if need_real else None, grad_fake if need_fake else None, grad_alpha if need_alpha else None
 
 
-if _ext.load():
-    _register_autograd("ganops::interpolate", torch.ops.ganops.interpolate_backward,
-                       "ganops::gradient_norm_penalty", torch.ops.ganops.gradient_norm_penalty_backward)
-_register_autograd(_interpolate_triton, torch.ops.ganops.interpolate_backward_triton,
-                   _gradient_norm_penalty_triton, torch.ops.ganops.gradient_norm_penalty_backward_triton)
+def _pair_examples(device, dtype):
+    def pair(*shape):
+        real = torch.randn(shape, device=device, dtype=dtype)
+        return real, torch.randn(shape, device=device, dtype=dtype), torch.rand(shape[0], device=device, dtype=dtype)
+    return [pair(4, 3, 5, 5), pair(3, 40000), pair(1, 1)]
+
+
+def _interpolate_examples(device, dtype):
+    out = []
+    for real, fake, alpha in _pair_examples(device, dtype):
+        out.append((real.requires_grad_(), fake.requires_grad_(), alpha.requires_grad_()))
+    return out
+
+
+def _interpolate_backward_examples(device, dtype):
+    out = []
+    for real, fake, alpha in _pair_examples(device, dtype):
+        grad = torch.randn_like(real)
+        out += [(grad, real, fake, alpha, True, True, True), (grad, real, fake, alpha, False, True, False)]
+    return out
+
+
+def _penalty_examples(device, dtype):
+    acc = acc_dtype(dtype)
+    inv_scale = torch.full((), 0.25, device=device, dtype=acc)
+    grads = [torch.randn(4, 3, 5, 5, device=device, dtype=dtype), torch.randn(3, 40000, device=device, dtype=dtype)]
+    return [(g.requires_grad_(), scale, center, one_sided, 10.0)
+            for g in grads for scale, center, one_sided in [(None, 1.0, False), (inv_scale, 0.0, False),
+                                                           (None, 0.5, True)]]
+
+
+def _penalty_backward_examples(device, dtype):
+    out = []
+    for grads, inv_scale, center, one_sided, weight in _penalty_examples(device, dtype):
+        grads = grads.detach()
+        _, sumsq = gradient_norm_penalty_reference(grads, inv_scale, center, one_sided, weight)
+        grad_penalty = torch.full((), 0.75, device=device, dtype=dtype)
+        out.append((grad_penalty, grads, sumsq, inv_scale, center, one_sided, weight))
+    return out
+
+
+def _penalty_setup(ctx, inputs, output):
+    grads, inv_scale, center, one_sided, weight = inputs
+    ctx.save_for_backward(grads, output[1], inv_scale)
+    ctx.args = (center, one_sided, weight)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _penalty_backward(kernels, ctx, grad_penalty, grad_sumsq):
+    grads, sumsq, inv_scale = ctx.saved_tensors
+    backward = (gradient_norm_penalty_backward_reference if _differentiating_backward(grad_penalty, grads)
+                else kernels.gradient_norm_penalty_backward)
+    return backward(grad_penalty, grads, sumsq, inv_scale, *ctx.args), None, None, None, None
+
+
+INTERPOLATE = _library.define(
+    "interpolate", "(Tensor real, Tensor fake, Tensor alpha) -> Tensor",
+    fake=lambda real, fake, alpha: _like(real),
+    reference=interpolate_reference, triton="gradient_penalty.interpolate",
+    backward=_interpolate_backward, setup_context=_interpolate_setup, examples=_interpolate_examples)
+
+INTERPOLATE_BACKWARD = _library.define(
+    "interpolate_backward", "(Tensor grad, Tensor real, Tensor fake, Tensor alpha, bool need_real, bool need_fake, "
+    "bool need_alpha) -> (Tensor, Tensor, Tensor)",
+    fake=lambda grad, real, fake, alpha, need_real, need_fake, need_alpha: (
+        _like(grad) if need_real else grad.new_empty(0), _like(grad) if need_fake else grad.new_empty(0),
+        alpha.new_empty(alpha.shape[0] if need_alpha else 0)),
+    reference=interpolate_backward_reference, triton="gradient_penalty.interpolate_backward",
+    examples=_interpolate_backward_examples)
+
+GRADIENT_NORM_PENALTY = _library.define(
+    "gradient_norm_penalty", "(Tensor grads, Tensor? inv_scale, float center, bool one_sided, float weight) "
+    "-> (Tensor, Tensor)",
+    fake=lambda grads, inv_scale, center, one_sided, weight: (
+        grads.new_empty(()), grads.new_empty(grads.shape[0], dtype=acc_dtype(grads.dtype))),
+    reference=gradient_norm_penalty_reference, triton="gradient_penalty.gradient_norm_penalty",
+    backward=_penalty_backward, setup_context=_penalty_setup, examples=_penalty_examples)
+
+GRADIENT_NORM_PENALTY_BACKWARD = _library.define(
+    "gradient_norm_penalty_backward", "(Tensor grad_penalty, Tensor grads, Tensor sumsq, Tensor? inv_scale, "
+    "float center, bool one_sided, float weight) -> Tensor",
+    fake=lambda grad_penalty, grads, sumsq, inv_scale, center, one_sided, weight: _like(grads),
+    reference=gradient_norm_penalty_backward_reference, triton="gradient_penalty.gradient_norm_penalty_backward",
+    examples=_penalty_backward_examples)
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,12 +303,7 @@ def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor, *,
     """
     _check_pair(real, fake)
     alpha = _alpha_per_sample(alpha, real)
-    name = _backend.resolve(backend, real.device)
-    if name == "cpp":
-        return torch.ops.ganops.interpolate(real, fake, alpha)
-    if name == "triton":
-        return torch.ops.ganops.interpolate_triton(real, fake, alpha)
-    return interpolate_reference(real, fake, alpha)
+    return _library.call(INTERPOLATE, backend, real.device, real, fake, alpha)
 
 
 def gradient_norm_penalty(grads: torch.Tensor, *, center: float = 1.0, one_sided: bool = False,
@@ -323,48 +318,14 @@ def gradient_norm_penalty(grads: torch.Tensor, *, center: float = 1.0, one_sided
     _check_samples(grads, "grads")
     center = check_number(center, "center")
     weight = check_number(weight, "weight")
-    if not isinstance(one_sided, bool):
-        raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+    one_sided = check_bool(one_sided, "one_sided")
     scale = _inv_scale_tensor(inv_scale, grads)
-    name = _backend.resolve(backend, grads.device)
-    if name == "cpp":
-        return torch.ops.ganops.gradient_norm_penalty(grads, scale, center, one_sided, weight)[0]
-    if name == "triton":
-        return torch.ops.ganops.gradient_norm_penalty_triton(grads, scale, center, one_sided, weight)[0]
-    return gradient_norm_penalty_reference(grads, scale, center, one_sided, weight)
+    return _library.call(GRADIENT_NORM_PENALTY, backend, grads.device, grads, scale, center, one_sided, weight)[0]
 
 
 def _check_scaler(scaler):
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
-
-
-def _check_distributed_critic(critic) -> None:
-    """Refuses the data-parallel wrappings whose double backward goes wrong (tests/test_distributed.py).
-
-    Plain DistributedDataParallel works when the penalty joins the critic loss in one
-    backward. Two do not: FSDP2 (fully_shard) reshards after the input-gradient pass and
-    frees the gathered weights the second backward reads (pytorch/pytorch#172543; with
-    set_reshard_after_backward(False) it runs but reduces the gradients before the penalty's
-    part arrives: silently wrong), and DDP's static_graph reduces at the end of the
-    input-gradient pass, before any parameter gradient exists (silently wrong too). Only
-    modules are scanned, and only with a process group up, so single-process calls pay one
-    check.
-    """
-    if not (isinstance(critic, torch.nn.Module) and torch.distributed.is_available()
-            and torch.distributed.is_initialized()):
-        return
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel
-    for module in critic.modules():
-        if isinstance(module, FSDPModule):
-            raise ValueError("critic is sharded with FSDP2 (fully_shard), which does not support the double "
-                             "backward of a gradient penalty; wrap the critic in DistributedDataParallel instead "
-                             "(the generator can stay fully_shard-ed)")
-        if isinstance(module, DistributedDataParallel) and module.static_graph:
-            raise ValueError("critic is DistributedDataParallel with static_graph=True, which reduces gradients "
-                             "at the end of the penalty's input-gradient pass; use static_graph=False (the "
-                             "default) and one backward of critic loss + penalty")
 
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -384,7 +345,7 @@ def _check_scores(scores, n: int, name: str) -> None:
     if scores.dim() < 1 or scores.shape[0] != n or scores.numel() != n:
         raise ValueError(f"{name} must have shape ({n},) or ({n}, 1) (or ({n}, 1, ..., 1)), one score per sample; "
                          f"got {tuple(scores.shape)}")
-    if scores.dtype not in _FLOAT_DTYPES:
+    if scores.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {scores.dtype}; expected a floating dtype")
 
 
@@ -433,8 +394,7 @@ def input_gradient_penalty(scores: torch.Tensor, inputs: torch.Tensor, *, center
     _check_scores(scores, n, "scores")
     center = check_number(center, "center")
     weight = check_number(weight, "weight")
-    if not isinstance(one_sided, bool):
-        raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+    one_sided = check_bool(one_sided, "one_sided")
     _check_reduction(reduction)
     _check_scaler(scaler)
     if not inputs.requires_grad or scores.grad_fn is None:
@@ -462,7 +422,7 @@ def _critic_scores(critic, x: torch.Tensor) -> torch.Tensor:
     """critic(x) with grad enabled, checked to hold one score per sample."""
     if not callable(critic):
         raise TypeError(f"critic must be callable (a module or function), got {type(critic).__name__}")
-    _check_distributed_critic(critic)
+    _distributed.check_critic_wrapping(critic)
     with torch.enable_grad():
         scores = critic(x)
     _check_scores(scores, x.shape[0], "critic output")

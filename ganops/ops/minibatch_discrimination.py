@@ -22,37 +22,25 @@ flowing into dM and Q[i,j,b] = Σ_c (h[i,b,c] − h[j,b,c]) sign(M[i,b,c] − M[
 (sign has derivative 0 almost everywhere). That double backward is one fused op; it is not
 differentiable again (third derivatives raise).
 
-Registered ops: ``ganops::minibatch_similarity``, ``ganops::minibatch_similarity_backward``,
-``ganops::minibatch_similarity_double_backward`` (cpp: CPU and CUDA kernels) and the same
-names with a ``_triton`` suffix. The ``torch`` backend is the broadcast reference below.
+Registered ops (ganops._library): ``minibatch_similarity``, ``minibatch_similarity_backward``,
+``minibatch_similarity_double_backward``, each with a CPU, a CUDA and a Triton kernel; the
+``torch`` backend is the broadcast reference below.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ganops import _backend, _ext
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ganops import _library
+from ganops._checks import check_bool, check_tensor
 
 
 def _check_M(M) -> None:
-    if not isinstance(M, torch.Tensor):
-        raise TypeError(f"M must be a tensor, got {type(M).__name__}")
-    if M.layout != torch.strided:
-        raise TypeError(f"M is a {M.layout} tensor; ganops supports dense tensors only")
+    check_tensor(M, "M")
     if M.dim() != 3:
         raise ValueError(f"M must be 3-D (N samples, B kernels, C kernel dims), got shape {tuple(M.shape)}")
     if M.shape[0] == 0:
         raise ValueError(f"M must hold at least one sample (N = M.shape[0] >= 1), got shape {tuple(M.shape)}")
-    if M.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"M has dtype {M.dtype}; ganops supports float16, bfloat16, float32 and float64")
-
-
-def _check_exclude_self(exclude_self) -> bool:
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
-    return exclude_self
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,76 +70,76 @@ def minibatch_similarity_reference(M: torch.Tensor, exclude_self: bool = True) -
     return o
 
 
+def minibatch_similarity_backward_reference(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """dM: the vector-Jacobian product of the reference with ``grad`` (either exclude_self)."""
+    with torch.enable_grad():
+        M = M.detach().requires_grad_(True)
+        (dM,) = torch.autograd.grad(minibatch_similarity_reference(M), M, grad)
+    return dM
+
+
+def minibatch_similarity_double_backward_reference(grad_grad_M: torch.Tensor, grad: torch.Tensor,
+                                                   M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/d grad, d/d M) of <grad_grad_M, dM(grad, M)>, by autograd through the reference."""
+    with torch.enable_grad():
+        M = M.detach().requires_grad_(True)
+        grad = grad.detach().requires_grad_(True)
+        (dM,) = torch.autograd.grad(minibatch_similarity_reference(M), M, grad, create_graph=True)
+        d_grad, d_M = torch.autograd.grad(dM, (grad, M), grad_grad_M, allow_unused=True)
+    return d_grad, torch.zeros_like(M) if d_M is None else d_M
+
+
 # ---------------------------------------------------------------------------------------
-# Registered ops: fake impls, Triton ops around their launchers, autograd
+# Registered ops: the forward's backward is the backward op, whose own backward is the
+# double-backward op, each on the backend being differentiated
 # ---------------------------------------------------------------------------------------
 
-def _similarity_fake(M, exclude_self):
-    return M.new_empty(M.shape[:2])
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _backward_fake(grad, M):
-    return torch.empty_like(M, memory_format=torch.contiguous_format)
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
 
 
-def _double_backward_fake(grad_grad_M, grad, M):
-    return (torch.empty_like(grad, memory_format=torch.contiguous_format),
-            torch.empty_like(M, memory_format=torch.contiguous_format))
+def _similarity_grad(kernels, ctx, grad):
+    (M,) = ctx.saved_tensors
+    return kernels.minibatch_similarity_backward(grad, M), None
 
 
-@torch.library.custom_op("ganops::minibatch_similarity_triton", mutates_args=())
-def _similarity_triton(M: torch.Tensor, exclude_self: bool) -> torch.Tensor:
-    from ganops.triton_kernels import minibatch_discrimination as kernels
-    return kernels.similarity(M, exclude_self)
+def _similarity_backward_grad(kernels, ctx, grad_grad_M):
+    grad, M = ctx.saved_tensors
+    return tuple(kernels.minibatch_similarity_double_backward(grad_grad_M, grad, M))
 
 
-@torch.library.custom_op("ganops::minibatch_similarity_backward_triton", mutates_args=())
-def _similarity_backward_triton(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    from ganops.triton_kernels import minibatch_discrimination as kernels
-    return kernels.similarity_backward(grad, M)
+def _M_examples(device, dtype):
+    # N = 70 spans several of the CPU kernel's row blocks; (1, 3, 2) a single sample.
+    return [torch.randn(shape, device=device, dtype=dtype) for shape in [(6, 5, 4), (70, 3, 5), (1, 3, 2)]]
 
 
-@torch.library.custom_op("ganops::minibatch_similarity_double_backward_triton", mutates_args=())
-def _similarity_double_backward_triton(grad_grad_M: torch.Tensor, grad: torch.Tensor,
-                                       M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from ganops.triton_kernels import minibatch_discrimination as kernels
-    return kernels.similarity_double_backward(grad_grad_M, grad, M)
+SIMILARITY = _library.define(
+    "minibatch_similarity", "(Tensor M, bool exclude_self) -> Tensor",
+    fake=lambda M, exclude_self: M.new_empty(M.shape[:2]),
+    reference=minibatch_similarity_reference, triton="minibatch_discrimination.similarity",
+    backward=_similarity_grad, setup_context=_save_inputs,
+    examples=lambda device, dtype: [(M.requires_grad_(), exclude_self) for M in _M_examples(device, dtype)
+                                    for exclude_self in (True, False)])
 
+SIMILARITY_BACKWARD = _library.define(
+    "minibatch_similarity_backward", "(Tensor grad, Tensor M) -> Tensor",
+    fake=lambda grad, M: _contiguous_like(M),
+    reference=minibatch_similarity_backward_reference, triton="minibatch_discrimination.similarity_backward",
+    backward=_similarity_backward_grad, setup_context=_save_inputs,
+    examples=lambda device, dtype: [(torch.randn(M.shape[:2], device=device, dtype=dtype).requires_grad_(),
+                                     M.requires_grad_()) for M in _M_examples(device, dtype)])
 
-def _register(suffix: str, define_fake: bool) -> None:
-    """Fake impls and autograd for one backend's three ops: the forward's backward calls the
-    backward op, whose own backward calls the double-backward op."""
-    fwd = f"ganops::minibatch_similarity{suffix}"
-    bwd = f"ganops::minibatch_similarity_backward{suffix}"
-    dbwd = f"ganops::minibatch_similarity_double_backward{suffix}"
-    if define_fake:
-        torch.library.register_fake(fwd)(_similarity_fake)
-        torch.library.register_fake(bwd)(_backward_fake)
-        torch.library.register_fake(dbwd)(_double_backward_fake)
-    backward_op = getattr(torch.ops.ganops, bwd.split("::")[1])
-    double_backward_op = getattr(torch.ops.ganops, dbwd.split("::")[1])
-
-    def save_M(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    def similarity_grad(ctx, grad):
-        (M,) = ctx.saved_tensors
-        return backward_op(grad, M), None
-
-    def save_grad_and_M(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-
-    def backward_grad(ctx, grad_grad_M):
-        grad, M = ctx.saved_tensors
-        return tuple(double_backward_op(grad_grad_M, grad, M))
-
-    torch.library.register_autograd(fwd, similarity_grad, setup_context=save_M)
-    torch.library.register_autograd(bwd, backward_grad, setup_context=save_grad_and_M)
-
-
-if _ext.load():
-    _register("", define_fake=True)
-_register("_triton", define_fake=True)
+SIMILARITY_DOUBLE_BACKWARD = _library.define(
+    "minibatch_similarity_double_backward", "(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)",
+    fake=lambda grad_grad_M, grad, M: (_contiguous_like(grad), _contiguous_like(M)),
+    reference=minibatch_similarity_double_backward_reference,
+    triton="minibatch_discrimination.similarity_double_backward",
+    examples=lambda device, dtype: [(torch.randn_like(M), torch.randn(M.shape[:2], device=device, dtype=dtype), M)
+                                    for M in _M_examples(device, dtype)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,10 +156,5 @@ def minibatch_similarity(M: torch.Tensor, *, exclude_self: bool = True, backend:
     backends; ``backend`` picks the implementation (see ganops.use_backend).
     """
     _check_M(M)
-    exclude_self = _check_exclude_self(exclude_self)
-    name = _backend.resolve(backend, M.device)
-    if name == "cpp":
-        return torch.ops.ganops.minibatch_similarity(M, exclude_self)
-    if name == "triton":
-        return torch.ops.ganops.minibatch_similarity_triton(M, exclude_self)
-    return minibatch_similarity_reference(M, exclude_self)
+    exclude_self = check_bool(exclude_self, "exclude_self")
+    return _library.call(SIMILARITY, backend, M.device, M, exclude_self)

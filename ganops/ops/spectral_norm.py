@@ -15,23 +15,20 @@ matrix-vector product; one more pass writes W / sigma. The backward is two passe
 then dW. Half-precision weights accumulate in float32 and their sigma is float32; u and v
 keep the weight's dtype, like torch's buffers.
 
-Registered ops: ``ganops::spectral_norm_forward_`` (power iteration in place, sigma and
-W / sigma in one call) and ``ganops::spectral_norm_backward`` (cpp: CPU and CUDA kernels),
-and their Triton twins ``spectral_norm_forward_triton_`` / ``spectral_norm_backward_triton``;
-the autograd Function _SpectralNormalize joins them. The ``torch`` backend is the reference
-below, torch's own parametrization math.
+Registered ops (ganops._library): ``spectral_norm_forward_`` (power iteration in place, sigma
+and W / sigma in one call) and ``spectral_norm_backward``, each with a CPU, a CUDA and a
+Triton kernel; the autograd Function _SpectralNormalize joins them. The ``torch`` backend is
+the reference below, torch's own parametrization math.
 """
 
 from __future__ import annotations
 
-
 import torch
 
-from ganops import _backend, _ext
-from ganops._checks import check_number
-from ganops._dtensor import is_dtensor
+from ganops import _library
+from ganops._checks import FLOAT_DTYPES, acc_dtype, check_number, check_tensor
+from ganops._distributed import is_dtensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Complex weights (torch's parametrization takes them) are served by the reference on every
 # backend: the kernels are real.
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -63,13 +60,7 @@ def check_eps(eps) -> float:
 
 
 def check_weight(weight, name: str = "weight") -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(weight).__name__}")
-    if weight.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
-        raise TypeError(f"{name} has dtype {weight.dtype}; expected float16, bfloat16, float32, float64, "
-                        f"complex64 or complex128")
-    if weight.layout != torch.strided:
-        raise TypeError(f"{name} is a {weight.layout} tensor; ganops supports dense weights only")
+    check_tensor(weight, name, dtypes=FLOAT_DTYPES + _COMPLEX_DTYPES, what="weights")
     if is_dtensor(weight):
         # A sharded weight (FSDP2's fully_shard registers DTensor parameters) has no power
         # iteration of its own: u and v belong to the whole matrix. Registered before
@@ -115,6 +106,11 @@ def as_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.flatten(1)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for real weights; complex weights compute in their own."""
+    return dtype if dtype in _COMPLEX_DTYPES else acc_dtype(dtype)
+
+
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / max(|x|, eps), torch.nn.functional.normalize's formula with eps taken in x's
     precision: an eps beyond float32's range is inf there, as in the kernels, where
@@ -132,7 +128,7 @@ def spectral_normalize_reference(weight, u, v, n_power_iterations: int, eps: flo
     conjugate transpose, v <- normalize(W^H u), and sigma = u^H W v (complex, real up to
     rounding), as torch's parametrization.
     """
-    acc = _sigma_dtype(weight.dtype)
+    acc = _compute_dtype(weight.dtype)
     mat = as_matrix(weight.to(acc), dim)
     if training:
         with torch.no_grad():
@@ -147,54 +143,76 @@ def spectral_normalize_reference(weight, u, v, n_power_iterations: int, eps: flo
     return (weight.to(acc) / sigma).to(weight.dtype), sigma
 
 
+def spectral_norm_forward_reference(weight, u, v, dim: int, n_power_iterations: int, eps: float):
+    """The forward op in torch ops: (weight / sigma, sigma, u used, v used), u and v iterated
+    in place; n_power_iterations = 0 is eval mode."""
+    weight_sn, sigma = spectral_normalize_reference(weight, u, v, n_power_iterations, eps, dim, n_power_iterations > 0)
+    return weight_sn, sigma, u.clone(), v.clone()
+
+
+def spectral_norm_backward_reference(grad, grad_sigma, weight, u, v, sigma, dim: int) -> torch.Tensor:
+    """dW = (G - <G, W> / sigma^2 u v^T ... ) written out: G / sigma - (<G, W> / sigma^2 -
+    grad_sigma) u v^T, in sigma's dtype, on the matrix view and back to the weight's layout."""
+    acc = sigma.dtype
+    g = as_matrix(grad.to(acc), dim)
+    coef = (g * as_matrix(weight.to(acc), dim)).sum() / (sigma * sigma)
+    if grad_sigma is not None:
+        coef = coef - grad_sigma
+    d = g / sigma - coef * torch.outer(u.to(acc), v.to(acc))
+    order = [dim] + [k for k in range(weight.dim()) if k != dim]
+    d = d.reshape([weight.shape[k] for k in order]).permute([order.index(k) for k in range(weight.dim())])
+    return d.to(weight.dtype).contiguous()
+
+
 # ---------------------------------------------------------------------------------------
-# Registered ops: fake impls for the compiled ops, Triton ops around their launchers
+# Registered ops. u and v are updated in place by the forward op, so the differentiable
+# function is an autograd.Function (_SpectralNormalize) rather than a registered autograd
+# formula: torch.library's autograd registration does not take ops that mutate their inputs.
 # ---------------------------------------------------------------------------------------
 
-def _sigma_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype, sigma's: float32 for half weights, else the weight's own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def _vectors(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = matrix_size(weight, dim)
+    u = torch.nn.functional.normalize(torch.randn(rows, dtype=weight.dtype, device=weight.device), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(cols, dtype=weight.dtype, device=weight.device), dim=0)
+    return u, v
 
 
-def _forward_fake(weight, u, v, dim, n_power_iterations, eps):
-    return (weight.new_empty(weight.shape), weight.new_empty((), dtype=_sigma_dtype(weight.dtype)),
-            u.new_empty(u.shape), v.new_empty(v.shape))
+def _weights(device, dtype):
+    # 2-D, a conv weight normalised along dim 0 and along dim 1, rows past one row chunk, and
+    # a weight large enough for the CPU kernels to split every pass across threads.
+    shapes_dims = [((8, 6), 0), ((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1), ((130, 5), 0), ((64, 2048), 0)]
+    return [(torch.randn(shape, device=device, dtype=dtype), dim) for shape, dim in shapes_dims]
 
 
-def _backward_fake(grad, grad_sigma, weight, u, v, sigma, dim):
-    return weight.new_empty(weight.shape)
+def _forward_examples(device, dtype):
+    return [(w, *_vectors(w, dim), dim, n, 1e-12) for (w, dim), n in zip(_weights(device, dtype), (1, 3, 0, 1, 2))]
 
 
-@torch.library.custom_op("ganops::spectral_norm_forward_triton_", mutates_args=("u", "v"))
-def _spectral_norm_forward_triton_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
-                                   n_power_iterations: int,
-                                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ganops.triton_kernels import spectral_norm as kernels
-    return kernels.spectral_norm_forward_(weight, u, v, dim, n_power_iterations, eps)
+def _backward_examples(device, dtype):
+    out = []
+    for (w, dim), with_grad_sigma in zip(_weights(device, dtype), (False, True, True, False, True)):
+        u, v = _vectors(w, dim)
+        _, sigma, u, v = spectral_norm_forward_reference(w, u, v, dim, 2, 1e-12)
+        grad_sigma = torch.randn((), device=device, dtype=sigma.dtype) if with_grad_sigma else None
+        out.append((torch.randn_like(w), grad_sigma, w, u, v, sigma, dim))
+    return out
 
 
-@torch.library.custom_op("ganops::spectral_norm_backward_triton", mutates_args=())
-def _spectral_norm_backward_triton(grad: torch.Tensor, grad_sigma: torch.Tensor | None, weight: torch.Tensor,
-                                   u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    from ganops.triton_kernels import spectral_norm as kernels
-    return kernels.spectral_norm_backward(grad, grad_sigma, weight, u, v, sigma, dim)
+FORWARD = _library.define(
+    "spectral_norm_forward_", "(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, "
+    "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=lambda weight, u, v, dim, n_power_iterations, eps: (
+        weight.new_empty(weight.shape), weight.new_empty((), dtype=acc_dtype(weight.dtype)),
+        u.new_empty(u.shape), v.new_empty(v.shape)),
+    reference=spectral_norm_forward_reference, triton="spectral_norm.spectral_norm_forward_",
+    examples=_forward_examples)
 
-
-_spectral_norm_forward_triton_.register_fake(_forward_fake)
-_spectral_norm_backward_triton.register_fake(_backward_fake)
-
-if _ext.load():
-    torch.library.register_fake("ganops::spectral_norm_forward_")(_forward_fake)
-    torch.library.register_fake("ganops::spectral_norm_backward")(_backward_fake)
-
-
-def _ops(name: str):
-    """(forward op, backward op) of a compiled backend, as overloads: calling an overload
-    skips the packet's overload resolution, a few microseconds per call on small layers."""
-    if name == "cpp":
-        return torch.ops.ganops.spectral_norm_forward_.default, torch.ops.ganops.spectral_norm_backward.default
-    return (torch.ops.ganops.spectral_norm_forward_triton_.default,
-            torch.ops.ganops.spectral_norm_backward_triton.default)
+BACKWARD = _library.define(
+    "spectral_norm_backward", "(Tensor grad, Tensor? grad_sigma, Tensor weight, Tensor u, Tensor v, Tensor sigma, "
+    "int dim) -> Tensor",
+    fake=lambda grad, grad_sigma, weight, u, v, sigma, dim: weight.new_empty(weight.shape),
+    reference=spectral_norm_backward_reference, triton="spectral_norm.spectral_norm_backward",
+    examples=_backward_examples)
 
 
 class _SpectralNormalize(torch.autograd.Function):
@@ -205,12 +223,11 @@ class _SpectralNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, u, v, n_power_iterations, eps, dim, backend):
-        forward_op, backward_op = _ops(backend)
-        weight_sn, sigma, u_used, v_used = forward_op(weight, u, v, dim, n_power_iterations, eps)
+    def forward(ctx, weight, u, v, n_power_iterations, eps, dim, kernels):
+        weight_sn, sigma, u_used, v_used = kernels.spectral_norm_forward_(weight, u, v, dim, n_power_iterations, eps)
         ctx.save_for_backward(weight, u_used, v_used, sigma)
         ctx.dim = dim
-        ctx.backward_op = backward_op
+        ctx.backward_op = kernels.spectral_norm_backward
         return weight_sn, sigma
 
     @staticmethod
@@ -234,10 +251,10 @@ def power_iteration_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_p
 def normalize_unchecked(weight, u, v, n_power_iterations: int, eps: float, dim: int, training: bool,
                         backend: str | None):
     """spectral_normalize for arguments already checked (the module checks them once)."""
-    name = _backend.resolve(backend, weight.device)
-    if name == "torch" or weight.is_complex():
+    kernels = _library.kernels(backend, weight.device)
+    if kernels is None or weight.is_complex():
         return spectral_normalize_reference(weight, u, v, n_power_iterations, eps, dim, training)
-    return _SpectralNormalize.apply(weight, u, v, n_power_iterations if training else 0, eps, dim, name)
+    return _SpectralNormalize.apply(weight, u, v, n_power_iterations if training else 0, eps, dim, kernels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +283,7 @@ def spectral_normalize(weight: torch.Tensor, u: torch.Tensor | None, v: torch.Te
     n = check_n_power_iterations(n_power_iterations)
     eps = check_eps(eps)
     if weight.dim() == 1:
-        norm = torch.linalg.vector_norm(weight.to(_sigma_dtype(weight.dtype)))
+        norm = torch.linalg.vector_norm(weight.to(_compute_dtype(weight.dtype)))
         return normalize(weight, eps), torch.maximum(norm, norm.new_tensor(eps))
     dim = check_dim(dim, weight.dim())
     rows, cols = matrix_size(weight, dim)
