@@ -31,6 +31,7 @@ from ganops.ops.gradient_penalty import (
     r1_penalty,
 )
 from ganops.ops.minibatch_discrimination import minibatch_similarity
+from ganops.ops.minibatch_stddev import minibatch_stddev
 from ganops.ops.spectral_norm import spectral_normalize
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "input_gradient_penalty",
     "interpolate",
     "minibatch_similarity",
+    "minibatch_stddev",
     "nn",
     "r1_penalty",
     "set_backend",

@@ -1,7 +1,8 @@
 """Modules built on the ganops ops."""
 
 from ganops.nn.minibatch_discrimination import MinibatchDiscrimination
+from ganops.nn.minibatch_stddev import MinibatchStdDev
 from ganops.nn.spectral_norm import SpectralNorm, spectral_norm
 from ganops.nn import utils
 
-__all__ = ["MinibatchDiscrimination", "SpectralNorm", "spectral_norm", "utils"]
+__all__ = ["MinibatchDiscrimination", "MinibatchStdDev", "SpectralNorm", "spectral_norm", "utils"]
