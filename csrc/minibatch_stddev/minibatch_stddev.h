@@ -92,9 +92,21 @@ struct ColumnStats {
 template <typename Acc>
 GANOPS_HD Acc group_mean(Acc sum, int64_t G) { return sum / Acc(G); }
 
+// The correctly rounded square root in Acc. On the host std::sqrt: the global ::sqrt takes a
+// float through double, and sqrtsd is slower than sqrtss ((64, 512, 4, 4) forward, one thread:
+// 0.77 ms with ::sqrt, 0.65 ms with std::sqrt).
+template <typename Acc>
+GANOPS_HD Acc square_root(Acc v) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(v);
+#else
+  return std::sqrt(v);
+#endif
+}
+
 // sqrt(Σ (y − μ)² / G + 1e-8): StyleGAN's variance (divisor G) and epsilon.
 template <typename Acc>
-GANOPS_HD Acc group_std(Acc sum_sq, int64_t G) { return ::sqrt(sum_sq / Acc(G) + Acc(kEpsilon)); }
+GANOPS_HD Acc group_std(Acc sum_sq, int64_t G) { return square_root(sum_sq / Acc(G) + Acc(kEpsilon)); }
 
 // μ and σ of the column whose value g is load(g) (in Acc): Σ in g order, then Σ (y − μ)².
 template <typename Acc, typename Load>

@@ -8,7 +8,10 @@
 //
 // Columns are taken kTile at a time, with the loops over a tile innermost so they vectorise;
 // every column's μ and σ are computed in column_stats' order, so a tile's values are the
-// ones the CUDA kernels' per-column functions give.
+// ones the CUDA kernels' per-column functions give. The square roots stay scalar: sqrt sets
+// errno, and GCC vectorises it only under -fno-math-errno (a #pragma GCC optimize does not
+// reach the builtin).
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
