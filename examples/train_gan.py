@@ -3,15 +3,17 @@
     python examples/train_gan.py --data ring8 --steps 4000 --out runs/ring8
     python examples/train_gan.py --data digits --steps 3000 --out runs/digits
     python examples/train_gan.py --data ring8 --steps 300 --compare    # torch backend vs auto
+    python examples/train_gan.py --data digits --mbstd                 # + minibatch stddev
 
 The critic's layers are spectral-normalised (ganops.spectral_norm) and it ends in a
 minibatch-discrimination layer (ganops.nn.MinibatchDiscrimination) so it sees how diverse a
-batch is. Its loss is the Wasserstein estimate plus the gradient penalty on interpolated
-samples (ganops.gradient_penalty) or, with --penalty r1, R1 on the reals. Both networks'
-gradients are clipped by their global norm (ganops.clip_grad_norm_), and every layer's
-gradient norm is recorded every step (ganops.grad_norm(..., per_tensor=True)) without a
-host synchronisation per parameter. Learning rates follow the two time-scale rule (the
-critic's larger than the generator's).
+batch is; with --mbstd the conv critic also has StyleGAN's minibatch standard deviation
+(ganops.nn.MinibatchStdDev) before its last convolution. Its loss is the Wasserstein
+estimate plus the gradient penalty on interpolated samples (ganops.gradient_penalty) or,
+with --penalty r1, R1 on the reals. Both networks' gradients are clipped by their global
+norm (ganops.clip_grad_norm_), and every layer's gradient norm is recorded every step
+(ganops.grad_norm(..., per_tensor=True)) without a host synchronisation per parameter.
+Learning rates follow the two time-scale rule (the critic's larger than the generator's).
 
 Data sets that need no download: ``ring8``, the eight Gaussians on a circle from the WGAN-GP
 paper's toy experiments (2-D points, an MLP pair), and ``digits``, the 1797 8x8 handwritten
@@ -101,14 +103,17 @@ def mlp_pair(z_dim: int):
     return generator, critic
 
 
-def conv_pair(z_dim: int):
+def conv_pair(z_dim: int, mbstd: bool = False):
+    """With ``mbstd``, StyleGAN's minibatch standard deviation (groups of 4, one channel)
+    before the last convolution, which then takes 32 + 1 channels."""
     generator = nn.Sequential(
         nn.Linear(z_dim, 64 * 2 * 2), nn.ReLU(), nn.Unflatten(1, (64, 2, 2)),
         nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),      # 4x4
         nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Tanh())       # 8x8
     critic = nn.Sequential(
         ganops.spectral_norm(nn.Conv2d(1, 32, 3, 2, 1)), nn.LeakyReLU(0.2),    # 4x4
-        ganops.spectral_norm(nn.Conv2d(32, 64, 3, 2, 1)), nn.LeakyReLU(0.2),   # 2x2
+        *([ganops.nn.MinibatchStdDev()] if mbstd else []),
+        ganops.spectral_norm(nn.Conv2d(32 + int(mbstd), 64, 3, 2, 1)), nn.LeakyReLU(0.2),   # 2x2
         nn.Flatten(),
         minibatch_discrimination(256),
         ganops.spectral_norm(nn.Linear(256 + 16, 1, bias=False)))
@@ -149,15 +154,16 @@ class Progress:
 
 
 def train(data: str, steps: int, seed: int, backend: str, penalty: str = "gp", max_norm: float = 10.0,
-          quiet: bool = False) -> dict:
-    """Trains one GAN; returns its losses, gradient norms, samples and wall time."""
+          quiet: bool = False, mbstd: bool = False) -> dict:
+    """Trains one GAN; returns its losses, gradient norms, samples and wall time. ``mbstd``:
+    the conv critic with minibatch standard deviation (digits only)."""
     cfg = CONFIGS[data]
     torch.manual_seed(seed)
     data_rng = torch.Generator().manual_seed(seed + 1)
     penalty_rng = torch.Generator().manual_seed(seed + 2)
     dataset = cfg["data"](data_rng)
     with ganops.use_backend(backend):
-        generator, critic = cfg["pair"](cfg["z_dim"])
+        generator, critic = cfg["pair"](cfg["z_dim"], mbstd=True) if mbstd else cfg["pair"](cfg["z_dim"])
         opt_d = torch.optim.Adam(critic.parameters(), lr=cfg["lr_d"], betas=(0.0, 0.9))
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg["lr_g"], betas=(0.0, 0.9))
         losses_d, losses_g, norms_d, norms_g = [], [], [], []
@@ -332,7 +338,7 @@ def loss_agreement(a: dict, b: dict) -> dict:
 
 def compare(args) -> dict:
     """The same seed with the pure-PyTorch backend and with auto: metrics, times, agreement."""
-    runs = [train(args.data, args.steps, args.seed, backend, args.penalty, quiet=args.quiet)
+    runs = [train(args.data, args.steps, args.seed, backend, args.penalty, quiet=args.quiet, mbstd=args.mbstd)
             for backend in ("torch", "auto")]
     metrics = [metrics_of(r) for r in runs]
     agreement = loss_agreement(runs[0], runs[1])
@@ -365,14 +371,19 @@ def parse_args(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="run the same seed with the torch backend and with auto, side by side")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    parser.add_argument("--mbstd", action="store_true",
+                        help="digits: minibatch standard deviation before the conv critic's last convolution")
+    args = parser.parse_args(argv)
+    if args.mbstd and args.data != "digits":
+        parser.error("--mbstd applies to the conv critic: use it with --data digits")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare:
         return compare(args)
-    run = train(args.data, args.steps, args.seed, args.backend, args.penalty, quiet=args.quiet)
+    run = train(args.data, args.steps, args.seed, args.backend, args.penalty, quiet=args.quiet, mbstd=args.mbstd)
     metrics = metrics_of(run)
     print(json.dumps(metrics, indent=2))
     if args.out:

@@ -1,11 +1,15 @@
 """Tests of ganops.minibatch_stddev and ganops.nn.MinibatchStdDev: StyleGAN2's
-MinibatchStdLayer, its gradients to second order, and the CUDA kernels' launch run on the CPU.
+MinibatchStdLayer, its gradients to second order, the CUDA kernels' launch run on the CPU, and
+examples/train_gan.py's --mbstd.
 
 The reference is StyleGAN2's formula written here in float64 (``stylegan_mbstd``), and for the
 grouping a per-sample loop that reads nothing of its reshape (``looped_mbstd``). The contract
 suite (tests/test_contract.py) covers opcheck, fakes, agreement of the registered ops with the
 package's reference, torch.compile, determinism and integer tensors.
 """
+
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -301,3 +305,30 @@ def test_cuda_launch_check(shape, group_size, num_channels, dtype):
         t = dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out.double(), want.detach(), **t)
     torch.testing.assert_close(grad_x.double(), want_dx, **t)
+
+
+# ---------------------------------------------------------------------------------------
+# examples/train_gan.py --mbstd
+# ---------------------------------------------------------------------------------------
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_gan.py")
+
+
+@pytest.mark.skipif(not os.path.exists(EXAMPLE), reason="examples/ is not beside the tests "
+                    "(an installed-wheel run copies only tests/)")
+def test_example_mbstd_flag():
+    spec = importlib.util.spec_from_file_location("train_gan", EXAMPLE)
+    train_gan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_gan)
+    _, plain = train_gan.conv_pair(8)
+    _, with_layer = train_gan.conv_pair(8, mbstd=True)
+    assert not any(isinstance(m, ganops.nn.MinibatchStdDev) for m in plain.modules())
+    layers = list(with_layer)
+    index = next(i for i, m in enumerate(layers) if isinstance(m, ganops.nn.MinibatchStdDev))
+    # Right before the last convolution, which takes the extra channel.
+    assert isinstance(layers[index + 1], nn.Conv2d) and layers[index + 1].in_channels == 33
+    assert not any(isinstance(m, nn.Conv2d) for m in layers[index + 2:])
+    metrics = train_gan.main(["--data", "digits", "--steps", "3", "--mbstd", "--penalty", "r1", "--quiet"])
+    assert metrics["steps"] == 3
+    with pytest.raises(SystemExit):
+        train_gan.parse_args(["--data", "ring8", "--mbstd"])
