@@ -104,9 +104,12 @@ GANOPS_HD Acc square_root(Acc v) {
 #endif
 }
 
-// sqrt(Σ (y − μ)² / G + 1e-8): StyleGAN's variance (divisor G) and epsilon.
+// Σ (y − μ)² / G + 1e-8: StyleGAN's variance (divisor G) and epsilon, under the square root.
 template <typename Acc>
-GANOPS_HD Acc group_std(Acc sum_sq, int64_t G) { return square_root(sum_sq / Acc(G) + Acc(kEpsilon)); }
+GANOPS_HD Acc group_variance_eps(Acc sum_sq, int64_t G) { return sum_sq / Acc(G) + Acc(kEpsilon); }
+
+template <typename Acc>
+GANOPS_HD Acc group_std(Acc sum_sq, int64_t G) { return square_root(group_variance_eps(sum_sq, G)); }
 
 // μ and σ of the column whose value g is load(g) (in Acc): Σ in g order, then Σ (y − μ)².
 template <typename Acc, typename Load>

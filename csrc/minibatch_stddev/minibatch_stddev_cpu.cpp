@@ -8,9 +8,7 @@
 //
 // Columns are taken kTile at a time, with the loops over a tile innermost so they vectorise;
 // every column's μ and σ are computed in column_stats' order, so a tile's values are the
-// ones the CUDA kernels' per-column functions give. The square roots stay scalar: sqrt sets
-// errno, and GCC vectorises it only under -fno-math-errno (a #pragma GCC optimize does not
-// reach the builtin).
+// ones the CUDA kernels' per-column functions give.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,7 +20,12 @@
 #include <ganops/dispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "minibatch_stddev/minibatch_stddev.h"
 
@@ -44,6 +47,26 @@ void for_each_task(int64_t n, int64_t per_task, F&& task) {
   });
 }
 
+// v[i] = sqrt(v[i]) for the kTile values of a tile, correctly rounded as std::sqrt. GCC keeps
+// std::sqrt scalar (it may set errno, and setup.py compiles without -fno-math-errno): scalar
+// square roots took two thirds of the stats pass; SSE2's take four floats or two doubles at a
+// time, with the same IEEE rounding.
+inline void tile_sqrt(float* v) {
+#if defined(__SSE2__)
+  for (int i = 0; i < kTile; i += 4) _mm_storeu_ps(v + i, _mm_sqrt_ps(_mm_loadu_ps(v + i)));
+#else
+  for (int i = 0; i < kTile; ++i) v[i] = std::sqrt(v[i]);
+#endif
+}
+
+inline void tile_sqrt(double* v) {
+#if defined(__SSE2__)
+  for (int i = 0; i < kTile; i += 2) _mm_storeu_pd(v + i, _mm_sqrt_pd(_mm_loadu_pd(v + i)));
+#else
+  for (int i = 0; i < kTile; ++i) v[i] = std::sqrt(v[i]);
+#endif
+}
+
 // μ and σ of the kTile columns e0, ..., e0 + kTile − 1 of jf, in column_stats' order.
 template <typename Acc, typename T>
 inline void tile_stats(const T* x, const Layout& l, int64_t jf, int64_t e0, Acc* mean, Acc* std) {
@@ -61,7 +84,8 @@ inline void tile_stats(const T* x, const Layout& l, int64_t jf, int64_t e0, Acc*
       sum_sq[i] += d * d;
     }
   }
-  for (int i = 0; i < kTile; ++i) std[i] = group_std(sum_sq[i], l.G);
+  for (int i = 0; i < kTile; ++i) std[i] = group_variance_eps(sum_sq[i], l.G);
+  tile_sqrt(std);
 }
 
 template <typename Acc, typename T>
