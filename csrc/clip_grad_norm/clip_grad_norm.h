@@ -19,9 +19,13 @@
 
 namespace ganops::clip_grad_norm {
 
-// 16384 elements per chunk: 32 per thread at 512 threads, and few enough chunks that the
-// finishing step stays one block even for multi-GB parameter sets.
-constexpr int64_t kChunkSize = 16384;
+// Elements per chunk, 16384: 32 per thread at 512 threads, and few enough chunks that the
+// finishing step stays one block even for multi-GB parameter sets. Written once, as
+// WORK_SPLIT in triton_kernels/clip_grad_norm.py; setup.py passes it in (see its docstring).
+#ifndef GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE
+#error "GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE is not defined: setup.py defines it from WORK_SPLIT in triton_kernels/clip_grad_norm.py"
+#endif
+constexpr int64_t kChunkSize = GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE;
 constexpr int kThreads = 512;
 
 enum NormKind : int { kL1 = 0, kL2 = 1, kLInf = 2, kLp = 3 };

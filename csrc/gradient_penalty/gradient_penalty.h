@@ -23,9 +23,13 @@
 
 namespace ganops::gradient_penalty {
 
-// 16384 elements per chunk: 64 per thread at 256 threads, and a (64, 3, 64, 64) gradient
-// splits into 64 CPU tasks, enough to keep every core busy.
-constexpr int64_t kChunkSize = 16384;
+// Elements per chunk, 16384: 64 per thread at 256 threads, and a (64, 3, 64, 64) gradient
+// splits into 64 CPU tasks, enough to keep every core busy. Written once, as WORK_SPLIT in
+// triton_kernels/gradient_penalty.py; setup.py passes it in (see its docstring).
+#ifndef GANOPS_GRADIENT_PENALTY_CHUNK_SIZE
+#error "GANOPS_GRADIENT_PENALTY_CHUNK_SIZE is not defined: setup.py defines it from WORK_SPLIT in triton_kernels/gradient_penalty.py"
+#endif
+constexpr int64_t kChunkSize = GANOPS_GRADIENT_PENALTY_CHUNK_SIZE;
 constexpr int kThreads = 256;
 
 GANOPS_HD int64_t chunks_per_sample(int64_t sample_numel) { return ceil_div(sample_numel, kChunkSize); }

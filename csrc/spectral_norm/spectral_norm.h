@@ -31,11 +31,16 @@
 namespace ganops::spectral_norm {
 
 constexpr int kThreads = 256;
-// Rows per column-partial block: with cols = 18432 and rows = 2048 that is 72 x 32 blocks,
-// enough to fill a GPU, and the finishing pass reads only 32 partials per column.
-constexpr int64_t kRowsPerChunk = 64;
-// Elements per block of the elementwise and dot-product kernels.
-constexpr int64_t kChunkSize = 4096;
+// The work split is written once, as WORK_SPLIT in triton_kernels/spectral_norm.py; setup.py
+// passes each entry in (see its docstring).
+#if !defined(GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK) || !defined(GANOPS_SPECTRAL_NORM_CHUNK_SIZE)
+#error "GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK and GANOPS_SPECTRAL_NORM_CHUNK_SIZE must be defined: setup.py defines them from WORK_SPLIT in triton_kernels/spectral_norm.py"
+#endif
+// Rows per column-partial block, 64: with cols = 18432 and rows = 2048 that is 72 x 32
+// blocks, enough to fill a GPU, and the finishing pass reads only 32 partials per column.
+constexpr int64_t kRowsPerChunk = GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK;
+// Elements per block of the elementwise and dot-product kernels, 4096.
+constexpr int64_t kChunkSize = GANOPS_SPECTRAL_NORM_CHUNK_SIZE;
 
 struct MatrixShape {
   int64_t outer;
