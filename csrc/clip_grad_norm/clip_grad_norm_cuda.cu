@@ -11,10 +11,11 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
+#include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
+#include <ganops/registration.h>
 
 #include "clip_grad_norm/clip_grad_norm.h"
 
@@ -75,7 +76,7 @@ __global__ void upload_kernel(int64_t* table, UploadSlice slice) {
 
 void check_cuda_tensors(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), "expected at least one tensor");
-  for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
+  check_grad_tensors(tensors, c10::DeviceType::CUDA);
 }
 
 // The tables on the device, without blocking the host and safe to capture in a CUDA graph.
@@ -176,13 +177,6 @@ void scale_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, 
   });
 }
 
-// Non-contiguous inputs were scaled in contiguous copies: write those back.
-void copy_back(at::TensorList tensors, const std::vector<at::Tensor>& contig) {
-  for (size_t k = 0; k < tensors.size(); ++k) {
-    if (!tensors[k].is_same(contig[k])) tensors[k].copy_(contig[k]);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type,
                                                           bool per_tensor) {
   check_norm_type(norm_type);
@@ -193,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   const at::Tensor table = tables_on_device(tables, tensors[0].device());
   return norm_impl(contig, table, tables, make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
 }
+GANOPS_KERNEL(CUDA, "multi_tensor_norm", multi_tensor_norm_cuda)
 
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
   check_cuda_tensors(tensors);
@@ -204,6 +199,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_nor
   scale_impl(contig, table, tables, total_norm.contiguous(), max_norm);
   copy_back(tensors, contig);
 }
+GANOPS_KERNEL(CUDA, "multi_tensor_scale_", multi_tensor_scale_cuda)
 
 void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   check_cuda_tensors(tensors);
@@ -214,6 +210,7 @@ void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   update_impl(contig, table, tables, ClampOp{clip_value});
   copy_back(tensors, contig);
 }
+GANOPS_KERNEL(CUDA, "multi_tensor_clamp_", multi_tensor_clamp_cuda)
 
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
   check_norm_type(norm_type);
@@ -228,14 +225,8 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
   copy_back(grads, contig);
   return total;
 }
+GANOPS_KERNEL(CUDA, "clip_grad_norm_", clip_grad_norm_cuda)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
-  m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
-  m.impl("clip_grad_norm_", &clip_grad_norm_cuda);
-  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cuda);
-}
 
 }  // namespace ganops::clip_grad_norm

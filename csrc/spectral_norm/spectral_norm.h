@@ -11,7 +11,7 @@
 // third matrix-vector product torch spends.
 //
 // CUDA launches (the per-thread work of each lives here, so a CPU test can run it for every
-// block and thread, see _spectral_norm_cuda_launch_check):
+// block and thread, see spectral_norm_launch_check.cpp):
 //   row_dot_kernel     grid rows,                        block b: t[b] = row b . x
 //   col_partial_kernel grid (ceil(cols/kThreads), ceil(rows/kRowsPerChunk)):
 //                      thread (bx, r, tid): partial[r][j] of column j = bx * kThreads + tid
@@ -27,6 +27,7 @@
 #include <ganops/checks.h>
 #include <ganops/block.h>
 #include <ganops/common.h>
+#include <ganops/contiguous.h>
 
 namespace ganops::spectral_norm {
 
@@ -189,10 +190,6 @@ inline MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim) {
   return s;
 }
 
-inline c10::ScalarType sigma_dtype(c10::ScalarType weight_dtype) {
-  return weight_dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
-}
-
 inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                     int64_t dim) {
   check_float(weight, "weight");
@@ -214,8 +211,8 @@ inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& 
 
 inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
   TORCH_CHECK(sigma.dim() == 0, "sigma must be 0-D, got shape ", sigma.sizes());
-  TORCH_CHECK(sigma.scalar_type() == sigma_dtype(weight.scalar_type()), "sigma must be ",
-              sigma_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
+  TORCH_CHECK(sigma.scalar_type() == acc_dtype(weight.scalar_type()), "sigma must be ",
+              acc_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
               sigma.scalar_type());
   check_same_device(sigma, "sigma", weight, "weight");
 }
@@ -226,8 +223,8 @@ inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_result(
     at::Tensor& u, const at::Tensor& uc, at::Tensor& v, const at::Tensor& vc, const at::Tensor& out,
     const at::Tensor& sigma) {
-  if (!uc.is_same(u)) u.copy_(uc);
-  if (!vc.is_same(v)) v.copy_(vc);
+  copy_back(u, uc);
+  copy_back(v, vc);
   return {out, sigma, uc.clone(), vc.clone()};
 }
 

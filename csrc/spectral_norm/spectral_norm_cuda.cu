@@ -12,32 +12,26 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/registration.h>
 
 #include "spectral_norm/spectral_norm.h"
 
 namespace ganops::spectral_norm {
 namespace {
 
-// A sum over the block (ganops/block.h's tree order).
-template <typename Acc>
-__device__ Acc block_sum(Acc value) {
-  return block_reduce<kThreads>(value, Plus{});
-}
-
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) row_dot_kernel(const T* w, const T* x, MatrixShape s, Acc* t) {
   const int64_t i = blockIdx.x;
-  const Acc sum = block_sum(row_dot_thread<T, Acc>(w, x, s, i, threadIdx.x, kThreads));
+  const Acc sum = block_sum<kThreads>(row_dot_thread<T, Acc>(w, x, s, i, threadIdx.x, kThreads));
   if (threadIdx.x == 0) t[i] = sum;
 }
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) normalize_rows_kernel(const Acc* t, int64_t rows, double eps, T* u) {
-  const Acc denom = clamped_norm(block_sum(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
+  const Acc denom = clamped_norm(block_sum<kThreads>(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
   for (int64_t i = threadIdx.x; i < rows; i += kThreads) u[i] = static_cast<T>(t[i] / denom);
 }
 
@@ -56,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     partials[j] = combine_col_partials(partials, cols, n_row_chunks, j);
   }
-  const Acc ss = block_sum(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
+  const Acc ss = block_sum<kThreads>(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
   const Acc denom = clamped_norm(ss, eps);
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) v[j] = static_cast<T>(partials[j] / denom);
   if (threadIdx.x == 0) *sigma = sigma_from_sum_sq(ss, eps);
@@ -64,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) eval_sigma_kernel(const T* u, const Acc* t, int64_t rows, Acc* sigma) {
-  const Acc dot = block_sum(dot_thread(u, t, rows, threadIdx.x, kThreads));
+  const Acc dot = block_sum<kThreads>(dot_thread(u, t, rows, threadIdx.x, kThreads));
   if (threadIdx.x == 0) *sigma = dot;
 }
 
@@ -77,14 +71,14 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* w, int64_t num
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) grad_dot_kernel(const T* g, const T* w, int64_t numel, Acc* partials) {
-  const Acc sum = block_sum(grad_dot_thread<T, Acc>(g, w, numel, blockIdx.x, threadIdx.x, kThreads));
+  const Acc sum = block_sum<kThreads>(grad_dot_thread<T, Acc>(g, w, numel, blockIdx.x, threadIdx.x, kThreads));
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
     grad_finish_kernel(const Acc* partials, int64_t n_chunks, const Acc* sigma, const Acc* grad_sigma, Acc* coef) {
-  const Acc dot = block_sum(sum_thread(partials, n_chunks, threadIdx.x, kThreads));
+  const Acc dot = block_sum<kThreads>(sum_thread(partials, n_chunks, threadIdx.x, kThreads));
   if (threadIdx.x == 0) *coef = outer_coefficient(dot, *sigma, grad_sigma != nullptr ? *grad_sigma : Acc(0));
 }
 
@@ -110,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
   const at::Tensor w = weight.contiguous();
   at::Tensor uc = u.contiguous();
   at::Tensor vc = v.contiguous();
-  const auto acc_opts = w.options().dtype(sigma_dtype(w.scalar_type()));
+  const auto acc_opts = w.options().dtype(acc_dtype(w.scalar_type()));
   at::Tensor sigma = at::empty({}, acc_opts);
   at::Tensor t = at::empty({s.rows}, acc_opts);
   at::Tensor out = at::empty_like(w);
@@ -148,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
   });
   return forward_result(u, uc, v, vc, out, sigma);
 }
+GANOPS_KERNEL(CUDA, "spectral_norm_forward_", spectral_norm_forward_cuda)
 
 at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                              const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
@@ -163,7 +158,7 @@ at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::option
   at::Tensor out = at::empty_like(w);
   const int64_t n = w.numel();
   const int64_t n_chunks = ceil_div(n, kChunkSize);
-  const auto acc_opts = w.options().dtype(sigma_dtype(w.scalar_type()));
+  const auto acc_opts = w.options().dtype(acc_dtype(w.scalar_type()));
   at::Tensor partials = at::empty({n_chunks + 1}, acc_opts);
   GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cuda", [&] {
     using T = scalar_t;
@@ -191,12 +186,8 @@ at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::option
   });
   return out;
 }
+GANOPS_KERNEL(CUDA, "spectral_norm_backward", spectral_norm_backward_cuda)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("spectral_norm_forward_", &spectral_norm_forward_cuda);
-  m.impl("spectral_norm_backward", &spectral_norm_backward_cuda);
-}
 
 }  // namespace ganops::spectral_norm
