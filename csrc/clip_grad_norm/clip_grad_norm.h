@@ -23,7 +23,7 @@ namespace ganops::clip_grad_norm {
 // finishing step stays one block even for multi-GB parameter sets. Written once, as
 // WORK_SPLIT in triton_kernels/clip_grad_norm.py; setup.py passes it in (see its docstring).
 #ifndef GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE
-#error "GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE is not defined: setup.py defines it from WORK_SPLIT in triton_kernels/clip_grad_norm.py"
+#error "GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE undefined: setup.py reads it from triton_kernels/clip_grad_norm.py"
 #endif
 constexpr int64_t kChunkSize = GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE;
 constexpr int kThreads = 512;

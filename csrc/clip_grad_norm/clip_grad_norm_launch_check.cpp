@@ -3,7 +3,6 @@
 // reduction order: a test op for CPU tensors.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
@@ -69,14 +68,13 @@ LaunchCheck cuda_launch_check(at::TensorList tensors, double norm_type) {
   return launch_check_impl<float>(contig, s, out_dtype);
 }
 
-}  // namespace
+// Runs the CUDA norm kernels' per-thread functions for every block and thread of the
+// launch the CUDA host code would choose. Returns (times each element was visited,
+// per-tensor norms, total norm).
+GANOPS_LAUNCH_CHECK_OP("_multi_tensor_norm_cuda_launch_check(Tensor[] tensors, float norm_type) "
+                       "-> (Tensor, Tensor, Tensor)",
+                       cuda_launch_check)
 
-TORCH_LIBRARY_FRAGMENT(ganops, m) {
-  // Runs the CUDA norm kernels' per-thread functions for every block and thread of the
-  // launch the CUDA host code would choose. Returns (times each element was visited,
-  // per-tensor norms, total norm).
-  m.def("_multi_tensor_norm_cuda_launch_check(Tensor[] tensors, float norm_type) -> (Tensor, Tensor, Tensor)",
-        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(cuda_launch_check)));
-}
+}  // namespace
 
 }  // namespace ganops::clip_grad_norm

@@ -25,14 +25,14 @@
 
 namespace ganops::gradient_penalty {
 
-// Elements per chunk, 16384: 64 per thread at 256 threads, and a (64, 3, 64, 64) gradient
+constexpr int kThreads = 256;
+// Elements per chunk, 16384: 64 per thread at kThreads, and a (64, 3, 64, 64) gradient
 // splits into 64 CPU tasks, enough to keep every core busy. Written once, as WORK_SPLIT in
 // triton_kernels/gradient_penalty.py; setup.py passes it in (see its docstring).
 #ifndef GANOPS_GRADIENT_PENALTY_CHUNK_SIZE
-#error "GANOPS_GRADIENT_PENALTY_CHUNK_SIZE is not defined: setup.py defines it from WORK_SPLIT in triton_kernels/gradient_penalty.py"
+#error "GANOPS_GRADIENT_PENALTY_CHUNK_SIZE undefined: setup.py reads it from triton_kernels/gradient_penalty.py"
 #endif
 constexpr int64_t kChunkSize = GANOPS_GRADIENT_PENALTY_CHUNK_SIZE;
-constexpr int kThreads = 256;
 
 // A tensor viewed as (N, M) and cut into its (sample, chunk) pieces, numbered
 // b = sample * n_chunks + chunk: CUDA block b, CPU task b.
@@ -178,13 +178,26 @@ inline SampleChunks check_penalty_backward_inputs(const at::Tensor& grad_penalty
   return s;
 }
 
-// alpha holds one value per sample of real.
-inline void check_alpha(const at::Tensor& alpha, const at::Tensor& real) {
+// interpolate's inputs: real and fake alike, alpha one value per sample. Returns real's split.
+inline SampleChunks check_interpolate_inputs(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha,
+                                             c10::DeviceType device) {
+  const SampleChunks s = check_samples(real, "real", device);
+  check_like(real, "real", fake, "fake");
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
               ",), got ", alpha.sizes());
   TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
               ", got ", alpha.scalar_type());
   check_same_device(alpha, "alpha", real, "real");
+  return s;
+}
+
+// interpolate_backward's inputs: interpolate's, and grad like real.
+inline SampleChunks check_interpolate_backward_inputs(const at::Tensor& grad, const at::Tensor& real,
+                                                      const at::Tensor& fake, const at::Tensor& alpha,
+                                                      c10::DeviceType device) {
+  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, device);
+  check_like(grad, "grad", real, "real");
+  return s;
 }
 
 }  // namespace ganops::gradient_penalty

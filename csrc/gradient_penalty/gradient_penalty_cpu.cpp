@@ -40,9 +40,7 @@ Acc inv_scale_value(const std::optional<at::Tensor>& inv_scale, const at::Tensor
 }
 
 at::Tensor interpolate_cpu(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
-  const SampleChunks s = check_samples(real, "real", c10::DeviceType::CPU);
-  check_like(real, "real", fake, "fake");
-  check_alpha(alpha, real);
+  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, c10::DeviceType::CPU);
   const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor out = at::empty_like(r);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cpu", [&] {
@@ -66,10 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cpu(const at
                                                                          const at::Tensor& fake,
                                                                          const at::Tensor& alpha, bool need_real,
                                                                          bool need_fake, bool need_alpha) {
-  const SampleChunks s = check_samples(real, "real", c10::DeviceType::CPU);
-  check_like(real, "real", fake, "fake");
-  check_like(grad, "grad", real, "real");
-  check_alpha(alpha, real);
+  const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, c10::DeviceType::CPU);
   const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor grad_real = need_real ? at::empty_like(g) : g.new_empty({0});
   at::Tensor grad_fake = need_fake ? at::empty_like(g) : g.new_empty({0});

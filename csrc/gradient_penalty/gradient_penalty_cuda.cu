@@ -124,9 +124,7 @@ at::Tensor inv_scale_tensor(const std::optional<at::Tensor>& inv_scale, const at
 }
 
 at::Tensor interpolate_cuda(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
-  const SampleChunks s = check_samples(real, "real", c10::DeviceType::CUDA);
-  check_like(real, "real", fake, "fake");
-  check_alpha(alpha, real);
+  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(real.device());
   const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor out = at::empty_like(r);
@@ -146,10 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cuda(const a
                                                                           const at::Tensor& fake,
                                                                           const at::Tensor& alpha, bool need_real,
                                                                           bool need_fake, bool need_alpha) {
-  const SampleChunks s = check_samples(real, "real", c10::DeviceType::CUDA);
-  check_like(real, "real", fake, "fake");
-  check_like(grad, "grad", real, "real");
-  check_alpha(alpha, real);
+  const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(real.device());
   const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor grad_real = need_real ? at::empty_like(g) : g.new_empty({0});

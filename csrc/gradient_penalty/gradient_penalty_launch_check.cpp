@@ -3,7 +3,6 @@
 // per-sample Σ grads · (real − fake) of interpolate's backward. A test op for CPU tensors.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <ganops/dispatch.h>
 #include <ganops/launch_emulation.h>
@@ -34,11 +33,13 @@ LaunchCheck launch_check_impl(const at::Tensor& g, const at::Tensor& r, const at
     const int64_t o = s.offset(b), n = s.length(b);
     sq_partials[b] = emulate_block<kThreads, Acc>([&](int tid) {
       for_each_thread_element(n, tid, kThreads, [&](int64_t j) { visits.visit(o + j); });
-      return thread_sum<Acc>(n, tid, kThreads, [&](int64_t j) { return unscaled_square(Acc(gp[o + j]), Acc(1)); });
+      return thread_sum<Acc>(n, tid, kThreads,
+                             [&](int64_t j) { return unscaled_square(Acc(gp[o + j]), Acc(1)); });
     });
     alpha_partials[b] = emulate_block<kThreads, Acc>([&](int tid) {
-      return thread_sum<Acc>(n, tid, kThreads,
-                             [&](int64_t j) { return alpha_grad_term(Acc(gp[o + j]), Acc(rp[o + j]), Acc(fp[o + j])); });
+      return thread_sum<Acc>(n, tid, kThreads, [&](int64_t j) {
+        return alpha_grad_term(Acc(gp[o + j]), Acc(rp[o + j]), Acc(fp[o + j]));
+      });
     });
   }
 
@@ -64,23 +65,19 @@ LaunchCheck cuda_launch_check(const at::Tensor& grads, const at::Tensor& real, c
   const SampleChunks s = check_samples(grads, "grads", c10::DeviceType::CPU);
   check_like(grads, "grads", real, "real");
   check_like(grads, "grads", fake, "fake");
-  LaunchCheck out;
-  GANOPS_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_penalty_launch_check", [&] {
-    out = launch_check_impl<scalar_t>(grads.contiguous(), real.contiguous(), fake.contiguous(), s, center,
-                                      one_sided, weight);
+  return GANOPS_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_penalty_launch_check", [&] {
+    return launch_check_impl<scalar_t>(grads.contiguous(), real.contiguous(), fake.contiguous(), s, center,
+                                       one_sided, weight);
   });
-  return out;
 }
+
+// Runs the CUDA kernels' per-thread functions for every block and thread of the launches
+// the CUDA host code would choose. Returns (times each element was visited, per-sample
+// sum of squares, penalty, per-sample Σ grads * (real - fake)).
+GANOPS_LAUNCH_CHECK_OP("_gradient_penalty_cuda_launch_check(Tensor grads, Tensor real, Tensor fake, float center, "
+                       "bool one_sided, float weight) -> (Tensor, Tensor, Tensor, Tensor)",
+                       cuda_launch_check)
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(ganops, m) {
-  // Runs the CUDA kernels' per-thread functions for every block and thread of the launches
-  // the CUDA host code would choose. Returns (times each element was visited, per-sample
-  // sum of squares, penalty, per-sample Σ grads * (real - fake)).
-  m.def("_gradient_penalty_cuda_launch_check(Tensor grads, Tensor real, Tensor fake, float center, "
-        "bool one_sided, float weight) -> (Tensor, Tensor, Tensor, Tensor)",
-        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(cuda_launch_check)));
-}
 
 }  // namespace ganops::gradient_penalty

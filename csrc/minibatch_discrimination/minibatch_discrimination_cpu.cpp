@@ -291,60 +291,60 @@ void run(const Args<Acc>& a, const Blocking& bl) {
   if (mode != Mode::kForward) sum_parts(a.dM, bl.parts, a.tiles * a.N * a.C * kLanes);
 }
 
-at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
+// A call's sizes, M (N, B, C), and its work split: tiles of kLanes values of b, parts of
+// row blocks.
+struct Problem {
+  int64_t N, B, C, tiles;
+  Blocking bl;
+};
+
+Problem problem_of(const at::Tensor& M) {
   check_M(M, c10::DeviceType::CPU);
   const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
-  const int64_t tiles = ceil_div(B, kLanes);
-  const Blocking bl = blocking(N);
-  at::Tensor out;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cpu", [&] {
+  return {N, B, C, ceil_div(B, kLanes), blocking(N)};
+}
+
+at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
+  const Problem p = problem_of(M);
+  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
-    std::vector<Acc> o(static_cast<size_t>(bl.parts * tiles * N * kLanes));
-    run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, N, C, tiles, exclude_self}, bl);
-    out = unpack<scalar_t, Acc>(o.data(), {N, B}, M.options());
+    std::vector<Acc> o(static_cast<size_t>(p.bl.parts * p.tiles * p.N * kLanes));
+    run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, p.N, p.C, p.tiles, exclude_self}, p.bl);
+    return unpack<scalar_t, Acc>(o.data(), {p.N, p.B}, M.options());
   });
-  return out;
 }
 GANOPS_KERNEL(CPU, "minibatch_similarity", similarity_cpu)
 
 at::Tensor similarity_backward_cpu(const at::Tensor& grad, const at::Tensor& M) {
-  check_M(M, c10::DeviceType::CPU);
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
-  check_like(grad, "grad", M, {N, B});
-  const int64_t tiles = ceil_div(B, kLanes);
-  const Blocking bl = blocking(N);
-  at::Tensor out;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cpu", [&] {
+  const Problem p = problem_of(M);
+  check_like(grad, "grad", M, {p.N, p.B});
+  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
-    std::vector<Acc> dM(static_cast<size_t>(bl.parts) * Mp.size());
-    run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), N, C, tiles, false}, bl);
-    out = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
+    std::vector<Acc> dM(static_cast<size_t>(p.bl.parts) * Mp.size());
+    run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), p.N, p.C, p.tiles, false}, p.bl);
+    return unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });
-  return out;
 }
 GANOPS_KERNEL(CPU, "minibatch_similarity_backward", similarity_backward_cpu)
 
 std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cpu(const at::Tensor& grad_grad_M,
                                                                   const at::Tensor& grad, const at::Tensor& M) {
-  check_M(M, c10::DeviceType::CPU);
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
-  check_like(grad, "grad", M, {N, B});
+  const Problem p = problem_of(M);
+  check_like(grad, "grad", M, {p.N, p.B});
   check_like(grad_grad_M, "grad_grad_M", M, M.sizes());
-  const int64_t tiles = ceil_div(B, kLanes);
-  const Blocking bl = blocking(N);
   at::Tensor d_grad, d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
     const std::vector<Acc> hp = pack<scalar_t, Acc>(grad_grad_M);
-    std::vector<Acc> dg(static_cast<size_t>(bl.parts) * gp.size());
-    std::vector<Acc> dM(static_cast<size_t>(bl.parts) * Mp.size());
-    run<Mode::kDoubleBackward, Acc>({Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), N, C, tiles, false},
-                                    bl);
+    std::vector<Acc> dg(static_cast<size_t>(p.bl.parts) * gp.size());
+    std::vector<Acc> dM(static_cast<size_t>(p.bl.parts) * Mp.size());
+    run<Mode::kDoubleBackward, Acc>(
+        {Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), p.N, p.C, p.tiles, false}, p.bl);
     d_grad = unpack<scalar_t, Acc>(dg.data(), grad.sizes(), M.options());
     d_M = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });

@@ -3,7 +3,6 @@
 // functions, for the forward, the backward and the double backward: a test op for CPU tensors.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <ganops/dispatch.h>
 #include <ganops/launch_emulation.h>
@@ -49,15 +48,13 @@ LaunchCheck cuda_launch_check(const at::Tensor& M_in, const at::Tensor& grad_in,
   return {rows.counts(), o.to(dtype), dM.to(dtype), dg.to(dtype), dM2.to(dtype)};
 }
 
-}  // namespace
+// Runs the CUDA kernels' per-thread functions for every block and thread of the launch the
+// CUDA host code would choose. Returns (times each (i, b) row was visited, o, dM, then the
+// double backward's d/d grad and d/d M).
+GANOPS_LAUNCH_CHECK_OP("_minibatch_similarity_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, "
+                       "bool exclude_self) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                       cuda_launch_check)
 
-TORCH_LIBRARY_FRAGMENT(ganops, m) {
-  // Runs the CUDA kernels' per-thread functions for every block and thread of the launch the
-  // CUDA host code would choose. Returns (times each (i, b) row was visited, o, dM, then the
-  // double backward's d/d grad and d/d M).
-  m.def("_minibatch_similarity_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, bool exclude_self) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(cuda_launch_check)));
-}
+}  // namespace
 
 }  // namespace ganops::minibatch_discrimination

@@ -35,7 +35,7 @@ constexpr int kThreads = 256;
 // The work split is written once, as WORK_SPLIT in triton_kernels/spectral_norm.py; setup.py
 // passes each entry in (see its docstring).
 #if !defined(GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK) || !defined(GANOPS_SPECTRAL_NORM_CHUNK_SIZE)
-#error "GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK and GANOPS_SPECTRAL_NORM_CHUNK_SIZE must be defined: setup.py defines them from WORK_SPLIT in triton_kernels/spectral_norm.py"
+#error "GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK or _CHUNK_SIZE undefined: setup.py reads them from triton_kernels/spectral_norm.py"
 #endif
 // Rows per column-partial block, 64: with cols = 18432 and rows = 2048 that is 72 x 32
 // blocks, enough to fill a GPU, and the finishing pass reads only 32 partials per column.
@@ -217,8 +217,22 @@ inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
   check_same_device(sigma, "sigma", weight, "weight");
 }
 
-// The forward's outputs, alike for the CPU and CUDA kernels. u, v were iterated in place in
-// uc, vc (contiguous copies when the buffers were not); write those back. The vectors this
+// The forward's inputs, checked alike by the CPU and CUDA kernels, and contiguous: the power
+// iteration updates these u and v in place (copies when the buffers were not contiguous).
+struct ForwardInputs {
+  MatrixShape s;
+  at::Tensor w, u, v;
+};
+
+inline ForwardInputs forward_inputs(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim,
+                                    int64_t n_power_iterations) {
+  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
+  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
+  return {s, weight.contiguous(), u.contiguous(), v.contiguous()};
+}
+
+// The forward's outputs, alike for the CPU and CUDA kernels. The buffers u, v were iterated
+// in place in ForwardInputs' u, v (passed here as uc, vc); write those back. The vectors this
 // step used are returned as copies: autograd keeps them while the buffers move on.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_result(
     at::Tensor& u, const at::Tensor& uc, at::Tensor& v, const at::Tensor& vc, const at::Tensor& out,
@@ -228,15 +242,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_result
   return {out, sigma, uc.clone(), vc.clone()};
 }
 
-// The backward's inputs, checked alike by the CPU and CUDA kernels; returns the matrix view.
-inline MatrixShape check_backward_inputs(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
-                                         const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                                         const at::Tensor& sigma, int64_t dim) {
+// The backward's inputs, checked alike by the CPU and CUDA kernels, and contiguous.
+struct BackwardInputs {
+  MatrixShape s;
+  at::Tensor w, g, u, v;
+  bool has_grad_sigma;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
+                                      const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                      const at::Tensor& sigma, int64_t dim) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   check_sigma(sigma, weight);
   check_like(weight, "weight", grad, "grad");
-  if (grad_sigma.has_value() && grad_sigma->defined()) check_sigma(*grad_sigma, weight);
-  return s;
+  const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
+  if (has_grad_sigma) check_sigma(*grad_sigma, weight);
+  return {s, weight.contiguous(), grad.contiguous(), u.contiguous(), v.contiguous(), has_grad_sigma};
 }
 
 }  // namespace ganops::spectral_norm

@@ -180,7 +180,8 @@ void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t a = task / blocks;
       const int64_t b0 = (task % blocks) * kColBlock;
-      run_leaf([&] { mat_t_vec_block<T, Acc>(w, x, s, a, b0, std::min(kColBlock, s.inner - b0), t + a * s.inner + b0); });
+      const int64_t len = std::min(kColBlock, s.inner - b0);
+      run_leaf([&] { mat_t_vec_block<T, Acc>(w, x, s, a, b0, len, t + a * s.inner + b0); });
     }
   });
 }
@@ -225,45 +226,38 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cpu(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
-  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
-  const at::Tensor w = weight.contiguous();
-  at::Tensor uc = u.contiguous();
-  at::Tensor vc = v.contiguous();
+  ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
+  const MatrixShape s = in.s;
   at::Tensor sigma;
-  at::Tensor out = at::empty_like(w);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_forward_cpu", [&] {
+  at::Tensor out = at::empty_like(in.w);
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
-    sigma = sigma_impl<scalar_t>(w, uc, vc, s, n_power_iterations, eps);
+    sigma = sigma_impl<scalar_t>(in.w, in.u, in.v, s, n_power_iterations, eps);
     const Acc inv = Acc(1) / sigma.const_data_ptr<Acc>()[0];
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* wp = in.w.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, s.numel(), kGrainElements, [&](int64_t begin, int64_t end) {
       run_leaf([&] { scale_range<scalar_t, Acc>(wp + begin, end - begin, inv, op + begin); });
     });
   });
-  return forward_result(u, uc, v, vc, out, sigma);
+  return forward_result(u, in.u, v, in.v, out, sigma);
 }
 GANOPS_KERNEL(CPU, "spectral_norm_forward_", spectral_norm_forward_cpu)
 
 at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                             const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                             const at::Tensor& sigma, int64_t dim) {
-  const MatrixShape s = check_backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
-  const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor vc = v.contiguous();
-  at::Tensor out = at::empty_like(w);
-  const int64_t n = w.numel();
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cpu", [&] {
+  const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
+  const MatrixShape s = in.s;
+  at::Tensor out = at::empty_like(in.w);
+  const int64_t n = in.w.numel();
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
-    const T* wp = w.const_data_ptr<T>();
-    const T* gp = g.const_data_ptr<T>();
-    const T* up = uc.const_data_ptr<T>();
-    const T* vp = vc.const_data_ptr<T>();
+    const T* wp = in.w.const_data_ptr<T>();
+    const T* gp = in.g.const_data_ptr<T>();
+    const T* up = in.u.const_data_ptr<T>();
+    const T* vp = in.v.const_data_ptr<T>();
     T* op = out.data_ptr<T>();
     // Pass 1: <G, W>, chunk partials combined in chunk order.
     const int64_t n_chunks = ceil_div(n, kChunkSize);
@@ -277,7 +271,8 @@ at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optiona
     Acc gw = Acc(0);
     for (const Acc p : partials) gw += p;
     const Acc sig = sigma.const_data_ptr<Acc>()[0];
-    const Acc coef = outer_coefficient(gw, sig, has_grad_sigma ? grad_sigma->const_data_ptr<Acc>()[0] : Acc(0));
+    const Acc grad_sig = in.has_grad_sigma ? grad_sigma->const_data_ptr<Acc>()[0] : Acc(0);
+    const Acc coef = outer_coefficient(gw, sig, grad_sig);
     const Acc inv = Acc(1) / sig;
     // Pass 2: dW = G / sigma - coef u v^T, segment (a, i) by segment.
     at::parallel_for(0, s.outer * s.rows, grain_for(s.inner), [&](int64_t begin, int64_t end) {

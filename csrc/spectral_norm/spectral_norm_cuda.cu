@@ -95,25 +95,22 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cuda(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
-  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
+  ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
+  const MatrixShape s = in.s;
   TORCH_CHECK(row_chunks(s.rows) <= 65535, "spectral_norm (CUDA): size(dim) must be at most ",
               65535 * kRowsPerChunk, ", got ", s.rows);
   c10::cuda::CUDAGuard guard(weight.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = weight.contiguous();
-  at::Tensor uc = u.contiguous();
-  at::Tensor vc = v.contiguous();
-  const auto acc_opts = w.options().dtype(acc_dtype(w.scalar_type()));
+  const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
   at::Tensor sigma = at::empty({}, acc_opts);
   at::Tensor t = at::empty({s.rows}, acc_opts);
-  at::Tensor out = at::empty_like(w);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_forward_cuda", [&] {
+  at::Tensor out = at::empty_like(in.w);
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
-    const T* wp = w.const_data_ptr<T>();
-    T* up = uc.data_ptr<T>();
-    T* vp = vc.data_ptr<T>();
+    const T* wp = in.w.const_data_ptr<T>();
+    T* up = in.u.data_ptr<T>();
+    T* vp = in.v.data_ptr<T>();
     Acc* tp = t.data_ptr<Acc>();
     Acc* sp = sigma.data_ptr<Acc>();
     if (n_power_iterations == 0) {
@@ -140,42 +137,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
                                                                                  out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return forward_result(u, uc, v, vc, out, sigma);
+  return forward_result(u, in.u, v, in.v, out, sigma);
 }
 GANOPS_KERNEL(CUDA, "spectral_norm_forward_", spectral_norm_forward_cuda)
 
 at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                              const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                              const at::Tensor& sigma, int64_t dim) {
-  const MatrixShape s = check_backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
-  const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
+  const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
+  const MatrixShape s = in.s;
   c10::cuda::CUDAGuard guard(weight.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor vc = v.contiguous();
-  at::Tensor out = at::empty_like(w);
-  const int64_t n = w.numel();
+  at::Tensor out = at::empty_like(in.w);
+  const int64_t n = in.w.numel();
   const int64_t n_chunks = ceil_div(n, kChunkSize);
-  const auto acc_opts = w.options().dtype(acc_dtype(w.scalar_type()));
+  const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
   at::Tensor partials = at::empty({n_chunks + 1}, acc_opts);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cuda", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
     Acc* pp = partials.data_ptr<Acc>();
     Acc* coef = pp + n_chunks;
-    grad_dot_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(g.const_data_ptr<T>(), w.const_data_ptr<T>(), n, pp);
+    grad_dot_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(in.g.const_data_ptr<T>(), in.w.const_data_ptr<T>(), n,
+                                                                pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_finish_kernel<Acc><<<1, kThreads, 0, stream>>>(
-        pp, n_chunks, sigma.const_data_ptr<Acc>(), has_grad_sigma ? grad_sigma->const_data_ptr<Acc>() : nullptr,
+        pp, n_chunks, sigma.const_data_ptr<Acc>(), in.has_grad_sigma ? grad_sigma->const_data_ptr<Acc>() : nullptr,
         coef);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto launch = [&](auto index_type) {
       using Index = decltype(index_type);
       grad_weight_kernel<T, Acc, Index><<<n_chunks, kThreads, 0, stream>>>(
-          g.const_data_ptr<T>(), uc.const_data_ptr<T>(), vc.const_data_ptr<T>(), s, sigma.const_data_ptr<Acc>(),
-          coef, out.data_ptr<T>());
+          in.g.const_data_ptr<T>(), in.u.const_data_ptr<T>(), in.v.const_data_ptr<T>(), s,
+          sigma.const_data_ptr<Acc>(), coef, out.data_ptr<T>());
     };
     if (n <= int64_t(UINT32_MAX)) {
       launch(uint32_t{});

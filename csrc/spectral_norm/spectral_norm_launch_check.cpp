@@ -4,7 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <ganops/dispatch.h>
 #include <ganops/launch_emulation.h>
@@ -104,24 +103,20 @@ LaunchCheck cuda_launch_check(const at::Tensor& weight, const at::Tensor& u, con
                               const at::Tensor& grad, int64_t dim, double eps) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   check_like(weight, "weight", grad, "grad");
-  LaunchCheck out;
-  GANOPS_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spectral_norm_launch_check", [&] {
-    out = launch_check_impl<scalar_t>(weight.contiguous(), u.contiguous(), v.contiguous(), grad.contiguous(), s,
-                                      eps);
+  return GANOPS_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spectral_norm_launch_check", [&] {
+    return launch_check_impl<scalar_t>(weight.contiguous(), u.contiguous(), v.contiguous(), grad.contiguous(), s,
+                                       eps);
   });
-  return out;
 }
+
+// Runs the CUDA kernels' per-thread functions for every block and thread of the launches
+// the CUDA host code would choose, for one power iteration, the scale and the backward
+// with gradient `grad`. Returns (visits [4, numel]: times each element was read by the
+// row-dot, column-partial, scale and backward-dot launches; u, v, sigma, W / sigma, dW).
+GANOPS_LAUNCH_CHECK_OP("_spectral_norm_cuda_launch_check(Tensor weight, Tensor u, Tensor v, Tensor grad, int dim, "
+                       "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+                       cuda_launch_check)
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(ganops, m) {
-  // Runs the CUDA kernels' per-thread functions for every block and thread of the launches
-  // the CUDA host code would choose, for one power iteration, the scale and the backward
-  // with gradient `grad`. Returns (visits [4, numel]: times each element was read by the
-  // row-dot, column-partial, scale and backward-dot launches; u, v, sigma, W / sigma, dW).
-  m.def("_spectral_norm_cuda_launch_check(Tensor weight, Tensor u, Tensor v, Tensor grad, int dim, float eps) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(cuda_launch_check)));
-}
 
 }  // namespace ganops::spectral_norm

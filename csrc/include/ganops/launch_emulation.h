@@ -10,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <ganops/block.h>
 
@@ -59,3 +60,8 @@ Acc emulate_block(ThreadValue&& thread_value, Combine combine = {}) {
 }
 
 }  // namespace ganops
+
+// Defines a launch check's test op, `schema`, with FN its kernel for CPU tensors (the only
+// device it runs on: it stands in for the GPU).
+#define GANOPS_LAUNCH_CHECK_OP(SCHEMA, FN) \
+  TORCH_LIBRARY_FRAGMENT(ganops, m) { m.def(SCHEMA, torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(FN))); }
