@@ -14,8 +14,6 @@
 // where this header is first included.
 #pragma once
 
-#include <utility>
-
 #if defined(__GNUC__) && defined(__x86_64__)
 #define GANOPS_X86_ISA_DISPATCH 1
 #define GANOPS_COMPILE_FOR(TARGET) __attribute__((target(TARGET), flatten))
