@@ -4,6 +4,13 @@ The C++ CPU kernels are always compiled. The CUDA kernels are compiled whenever 
 toolkit whose major version matches torch's is found, with or without a visible GPU. The
 build compiles against the torch that is installed (any torch >= 2.11).
 
+Work splits are written once, in the Triton kernels: a module-level dict literal
+``WORK_SPLIT = {"CHUNK_SIZE": 16384, ...}`` in triton_kernels/<op>.py. This file reads every
+triton_kernels/*.py with ``ast`` (no import: triton may be absent at build time) and passes
+each entry to the C++ and CUDA compilers as ``-DGANOPS_<OP>_<NAME>=<value>``, OP being the
+file's stem upper-cased (GANOPS_GRADIENT_PENALTY_CHUNK_SIZE); csrc/<op>/<op>.h binds it to its
+constant and stops with an #error if it is missing. A new op's split needs its Triton file only.
+
 Environment variables:
   GANOPS_BUILD_CUDA      1: require the CUDA kernels; 0: skip them; unset: build them if a
                          matching toolkit is found; force: build them even when nvcc's CUDA
@@ -19,6 +26,7 @@ Environment variables:
   CUDA_HOME              the CUDA toolkit. Default: /usr/local/cuda, then nvcc on PATH.
 """
 
+import ast
 import glob
 import os
 import re
@@ -119,18 +127,46 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-# Found by glob, so a new op touches no build file: csrc/<op>/<op>.cpp, <op>_cpu.cpp, <op>_cuda.cu.
+# Found by glob, so a new op touches no build file: csrc/<op>/<op>.cpp, <op>_cpu.cpp,
+# <op>_launch_check.cpp, <op>_cuda.cu.
 cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/*/*.cpp")
 cuda_sources = _sources("csrc/*/*_cuda.cu")
 
+
+def _work_split_definitions():
+    """-DGANOPS_<OP>_<NAME>=<value> for every entry of each triton_kernels/<op>.py's WORK_SPLIT."""
+    definitions = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "triton_kernels", "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            module = ast.parse(f.read(), filename=path)
+        op = os.path.splitext(os.path.basename(path))[0].upper()
+        for node in module.body:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+            if not (isinstance(target, ast.Name) and target.id == "WORK_SPLIT"):
+                continue
+            try:
+                split = ast.literal_eval(node.value)
+            except ValueError:
+                split = None
+            if not isinstance(split, dict):
+                raise SystemExit(f"{path}: WORK_SPLIT must be a dict literal of names to integers")
+            for name, value in split.items():
+                if not (isinstance(name, str) and name.isidentifier() and type(value) is int):
+                    raise SystemExit(f"{path}: WORK_SPLIT entry {name!r}: {value!r} must map a name to an integer")
+                definitions.append(f"-DGANOPS_{op}_{name}={value}")
+    return definitions
+
+
+work_split_flags = _work_split_definitions()
+
 # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without it every
 # CPU kernel silently runs on one thread. torch ships libgomp, so one runtime is shared.
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"] + work_split_flags
 link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
 if build_cuda:
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
-                  "-DGANOPS_WITH_CUDA"]
+                  "-DGANOPS_WITH_CUDA"] + work_split_flags
     extension = CUDAExtension(
         "ganops._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + ["-DGANOPS_WITH_CUDA"], "nvcc": nvcc_flags},

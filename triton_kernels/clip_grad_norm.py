@@ -24,8 +24,10 @@ import triton.language as tl
 
 from ._common import acc_tl
 
-# Must match kChunkSize in csrc/clip_grad_norm/clip_grad_norm.h: the tables are the same.
-CHUNK_SIZE = 16384
+# The work split, written here only: setup.py passes each entry to the C++ and CUDA kernels
+# as GANOPS_CLIP_GRAD_NORM_<NAME> (clip_grad_norm.h's kChunkSize), so the tables are the same.
+WORK_SPLIT = {"CHUNK_SIZE": 16384}
+CHUNK_SIZE = WORK_SPLIT["CHUNK_SIZE"]
 BLOCK = 1024
 FINISH_BLOCK = 256
 

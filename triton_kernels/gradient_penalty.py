@@ -18,8 +18,10 @@ from ._common import acc_dtype as _acc_torch
 from ._common import acc_tl as _acc
 from ._common import div_rn, join_float, on_device, split_float, sqrt_rn
 
-# Must match kChunkSize in csrc/gradient_penalty/gradient_penalty.h: the same work split.
-CHUNK_SIZE = 16384
+# The work split, written here only: setup.py passes each entry to the C++ and CUDA kernels
+# as GANOPS_GRADIENT_PENALTY_<NAME> (gradient_penalty.h's kChunkSize).
+WORK_SPLIT = {"CHUNK_SIZE": 16384}
+CHUNK_SIZE = WORK_SPLIT["CHUNK_SIZE"]
 BLOCK = 1024
 FINISH_BLOCK = 256
 

@@ -18,9 +18,11 @@ import triton.language as tl
 
 from ._common import acc_dtype, div_rn, join_float, on_device, split_float, sqrt_rn
 
-# Must match kRowsPerChunk and kChunkSize in csrc/spectral_norm/spectral_norm.h.
-ROWS_PER_CHUNK = 64
-CHUNK_SIZE = 4096
+# The work split, written here only: setup.py passes each entry to the C++ and CUDA kernels
+# as GANOPS_SPECTRAL_NORM_<NAME> (spectral_norm.h's kRowsPerChunk and kChunkSize).
+WORK_SPLIT = {"ROWS_PER_CHUNK": 64, "CHUNK_SIZE": 4096}
+ROWS_PER_CHUNK = WORK_SPLIT["ROWS_PER_CHUNK"]
+CHUNK_SIZE = WORK_SPLIT["CHUNK_SIZE"]
 BLOCK = 256
 
 

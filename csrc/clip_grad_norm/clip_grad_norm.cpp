@@ -15,8 +15,4 @@ TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // Clamps every tensor in place to [-clip_value, clip_value] (clip_grad_value_): the lower
   // bound first, then the upper one, as torch does; NaN stays NaN.
   m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
-  // Test hook, CPU only: runs the CUDA norm kernels' per-thread functions for every block
-  // and thread of the launch the CUDA host code would choose. Returns (times each element
-  // was visited, per-tensor norms, total norm).
-  m.def("_multi_tensor_norm_cuda_launch_check(Tensor[] tensors, float norm_type) -> (Tensor, Tensor, Tensor)");
 }

@@ -19,9 +19,13 @@
 
 namespace ganops::clip_grad_norm {
 
-// 16384 elements per chunk: 32 per thread at 512 threads, and few enough chunks that the
-// finishing step stays one block even for multi-GB parameter sets.
-constexpr int64_t kChunkSize = 16384;
+// Elements per chunk, 16384: 32 per thread at 512 threads, and few enough chunks that the
+// finishing step stays one block even for multi-GB parameter sets. Written once, as
+// WORK_SPLIT in triton_kernels/clip_grad_norm.py; setup.py passes it in (see its docstring).
+#ifndef GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE
+#error "GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE undefined: setup.py reads it from triton_kernels/clip_grad_norm.py"
+#endif
+constexpr int64_t kChunkSize = GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE;
 constexpr int kThreads = 512;
 
 enum NormKind : int { kL1 = 0, kL2 = 1, kLInf = 2, kLp = 3 };
@@ -143,7 +147,8 @@ GANOPS_HD Acc thread_partial(const T* chunk, int64_t chunk_len, int tid, int nth
   return acc;
 }
 
-// norm_combine as a function object, for ganops::block_reduce and its CPU emulation.
+// norm_combine as a function object, for ganops::block_reduce, its CPU emulation and the CPU
+// kernel's lane_reduce.
 struct NormCombine {
   NormSpec s;
   template <typename Acc>
@@ -209,10 +214,11 @@ inline int dtype_group(c10::ScalarType t) {
   }
 }
 
-// float64 if any tensor is float64, else float32 (half types accumulate in float32).
+// The norm's dtype: the widest accumulation dtype of the tensors (float64 if any tensor is
+// float64, else float32).
 inline c10::ScalarType result_dtype(at::TensorList tensors) {
   for (const auto& t : tensors) {
-    if (t.scalar_type() == c10::kDouble) return c10::kDouble;
+    if (acc_dtype(t.scalar_type()) == c10::kDouble) return c10::kDouble;
   }
   return c10::kFloat;
 }
@@ -235,6 +241,15 @@ inline void check_grad_tensor(const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK(t.device() == device, "gradients must all be on one device, got ", device, " and ", t.device());
 }
 
+// Every tensor dense, floating and on one device, of type `device`.
+inline void check_grad_tensors(at::TensorList tensors, c10::DeviceType device) {
+  for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
+  if (!tensors.empty()) {
+    TORCH_CHECK(tensors[0].device().type() == device, "expected ", c10::DeviceTypeName(device), " tensors, got ",
+                tensors[0].device());
+  }
+}
+
 inline void check_total_norm(const at::Tensor& total_norm, const at::Device& device) {
   TORCH_CHECK(total_norm.numel() == 1, "total_norm must hold one value, got shape ", total_norm.sizes());
   TORCH_CHECK(total_norm.device() == device, "total_norm must be on ", device, ", got ", total_norm.device());
@@ -250,13 +265,6 @@ inline std::vector<TensorEntry> entries_of(const std::vector<at::Tensor>& tensor
     out.push_back({reinterpret_cast<int64_t>(t.data_ptr()), t.numel(),
                    by_dtype ? dtype_group(t.scalar_type()) : 0});
   }
-  return out;
-}
-
-inline std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
-  std::vector<at::Tensor> out;
-  out.reserve(tensors.size());
-  for (const auto& t : tensors) out.push_back(t.contiguous());
   return out;
 }
 

@@ -6,38 +6,29 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
+#include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
+#include <ganops/lanes.h>
+#include <ganops/registration.h>
 
 #include "clip_grad_norm/clip_grad_norm.h"
 
 namespace ganops::clip_grad_norm {
 namespace {
 
-// A chunk's partial. Runs of kRun elements are reduced over 16 independent lanes (so the
+// A chunk's partial. Runs of kRun elements are reduced in ganops/lanes.h's lanes (so the
 // compiler vectorises without reassociating one accumulator), and the runs' results are
 // combined in double: a float32 sum over a 16384-element chunk would otherwise lose
 // about 1e-5 of relative accuracy.
 constexpr int64_t kRun = 1024;
 
+// The norm kind K is a template argument, so each kind's loop is compiled without a switch.
 template <NormKind K, typename T, typename Acc>
 Acc run_partial(const T* x, int64_t n, double p) {
-  constexpr int L = 16;
   const NormSpec s{K, p};
-  Acc lanes[L];
-  for (int l = 0; l < L; ++l) lanes[l] = Acc(0);
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int l = 0; l < L; ++l) lanes[l] = norm_combine(lanes[l], norm_term(Acc(x[i + l]), s), s);
-  }
-  for (; i < n; ++i) lanes[0] = norm_combine(lanes[0], norm_term(Acc(x[i]), s), s);
-  for (int w = L / 2; w > 0; w /= 2) {
-    for (int l = 0; l < w; ++l) lanes[l] = norm_combine(lanes[l], lanes[l + w], s);
-  }
-  return lanes[0];
+  return lane_reduce<Acc>(n, [&](int64_t i) { return norm_term(Acc(x[i]), s); }, NormCombine{s});
 }
 
 template <NormKind K, typename T, typename Acc>
@@ -57,13 +48,6 @@ double chunk_partial(const T* x, int64_t n, NormSpec s) {
     case kL2: return chunk_partial_runs<kL2, T, Acc>(x, n, s.p);
     case kLInf: return chunk_partial_runs<kLInf, T, Acc>(x, n, s.p);
     default: return chunk_partial_runs<kLp, T, Acc>(x, n, s.p);
-  }
-}
-
-void check_cpu_tensors(at::TensorList tensors) {
-  for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
-  if (!tensors.empty()) {
-    TORCH_CHECK(tensors[0].device().is_cpu(), "expected CPU tensors, got ", tensors[0].device());
   }
 }
 
@@ -115,11 +99,12 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& tens
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
                                                          bool per_tensor) {
   check_norm_type(norm_type);
-  check_cpu_tensors(tensors);
+  check_grad_tensors(tensors, c10::DeviceType::CPU);
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   return norm_impl(contig, tables, make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
 }
+GANOPS_KERNEL(CPU, "multi_tensor_norm", multi_tensor_norm_cpu)
 
 // Runs an in-place update (ScaleOp, ClampOp) over contiguous tensors, chunk by chunk in
 // parallel: each chunk binds the op for its dtype and walks its elements.
@@ -151,33 +136,28 @@ void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, con
   });
 }
 
-// Non-contiguous inputs were worked on in contiguous copies: write those back.
-void copy_back(at::TensorList tensors, const std::vector<at::Tensor>& contig) {
-  for (size_t k = 0; k < tensors.size(); ++k) {
-    if (!tensors[k].is_same(contig[k])) tensors[k].copy_(contig[k]);
-  }
-}
-
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
-  check_cpu_tensors(tensors);
+  check_grad_tensors(tensors, c10::DeviceType::CPU);
   check_total_norm(total_norm, at::Device(at::kCPU));
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   scale_impl(contig, tables, total_norm, max_norm);
   copy_back(tensors, contig);
 }
+GANOPS_KERNEL(CPU, "multi_tensor_scale_", multi_tensor_scale_cpu)
 
 void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
-  check_cpu_tensors(tensors);
+  check_grad_tensors(tensors, c10::DeviceType::CPU);
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   update_impl(contig, tables, ClampOp{clip_value});
   copy_back(tensors, contig);
 }
+GANOPS_KERNEL(CPU, "multi_tensor_clamp_", multi_tensor_clamp_cpu)
 
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_cpu_tensors(grads);
+  check_grad_tensors(grads, c10::DeviceType::CPU);
   const auto contig = contiguous_all(grads);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   const auto [total, per] = norm_impl(contig, tables, make_norm_spec(norm_type), false, result_dtype(grads));
@@ -185,66 +165,8 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm
   copy_back(grads, contig);
   return total;
 }
-
-// Emulates the CUDA launch (clip_grad_norm_cuda.cu) block by block and thread by thread,
-// with the same tables, per-thread functions and reduction order.
-template <typename Out>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_check_impl(const std::vector<at::Tensor>& tensors,
-                                                                 NormSpec s, c10::ScalarType out_dtype) {
-  const int64_t n = static_cast<int64_t>(tensors.size());
-  const Tables tables = build_tables(entries_of(tensors, /*by_dtype=*/true), kNumGroups);
-  const TableView view = table_view(tables.buffer.data(), n, tables.n_chunks);
-  std::vector<int64_t> base(n + 1, 0);
-  for (int64_t k = 0; k < n; ++k) base[k + 1] = base[k] + tensors[k].numel();
-  at::Tensor coverage = at::zeros({base[n]}, at::TensorOptions().dtype(c10::kInt));
-  int32_t* visits = coverage.data_ptr<int32_t>();
-
-  std::vector<Out> partials(tables.n_chunks);
-  for (int g = 0; g < kNumGroups; ++g) {
-    for (int64_t c = tables.group_first_chunk[g]; c < tables.group_first_chunk[g + 1]; ++c) {
-      const int64_t k = view.chunk_tensor[c];
-      GANOPS_DISPATCH_FLOATING_TYPES(tensors[k].scalar_type(), "launch_check", [&] {
-        using Acc = acc_t<scalar_t>;
-        const scalar_t* chunk = reinterpret_cast<const scalar_t*>(view.ptrs[k]) + view.chunk_offset[c];
-        std::vector<Acc> block(kThreads);
-        for (int tid = 0; tid < kThreads; ++tid) {
-          block[tid] = thread_partial<scalar_t, Acc>(chunk, view.chunk_len[c], tid, kThreads, s);
-          for_each_thread_element(view.chunk_len[c], tid, kThreads,
-                                  [&](int64_t i) { ++visits[base[k] + view.chunk_offset[c] + i]; });
-        }
-        partials[c] = static_cast<Out>(emulate_block_reduce(block.data(), kThreads, NormCombine{s}));
-      });
-    }
-  }
-  at::Tensor per = at::empty({n}, at::TensorOptions().dtype(out_dtype));
-  std::vector<Out> block(kThreads);
-  for (int tid = 0; tid < kThreads; ++tid) {
-    block[tid] = finish_thread<Out>(view, partials.data(), n, tid, kThreads, per.data_ptr<Out>(), s);
-  }
-  const Out combined = emulate_block_reduce(block.data(), kThreads, NormCombine{s});
-  at::Tensor total = at::empty({}, at::TensorOptions().dtype(out_dtype));
-  total.data_ptr<Out>()[0] = norm_finish(combined, s);
-  return {coverage, per, total};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_launch_check(at::TensorList tensors, double norm_type) {
-  check_norm_type(norm_type);
-  check_cpu_tensors(tensors);
-  const auto contig = contiguous_all(tensors);
-  const NormSpec s = make_norm_spec(norm_type);
-  const auto out_dtype = result_dtype(tensors);
-  if (out_dtype == c10::kDouble) return launch_check_impl<double>(contig, s, out_dtype);
-  return launch_check_impl<float>(contig, s, out_dtype);
-}
+GANOPS_KERNEL(CPU, "clip_grad_norm_", clip_grad_norm_cpu)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CPU, m) {
-  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
-  m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
-  m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
-  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cpu);
-  m.impl("_multi_tensor_norm_cuda_launch_check", &cuda_launch_check);
-}
 
 }  // namespace ganops::clip_grad_norm

@@ -11,10 +11,11 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
+#include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
+#include <ganops/registration.h>
 
 #include "clip_grad_norm/clip_grad_norm.h"
 
@@ -75,7 +76,7 @@ __global__ void upload_kernel(int64_t* table, UploadSlice slice) {
 
 void check_cuda_tensors(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), "expected at least one tensor");
-  for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
+  check_grad_tensors(tensors, c10::DeviceType::CUDA);
 }
 
 // The tables on the device, without blocking the host and safe to capture in a CUDA graph.
@@ -106,12 +107,10 @@ at::Tensor tables_on_device(const Tables& tables, const at::Device& device) {
   return staging.to(device, /*non_blocking=*/true);
 }
 
-template <typename Out>
-void launch_norm(const std::vector<at::Tensor>& tensors, const Tables& tables, const at::Tensor& table,
-                 NormSpec s, at::Tensor& total, at::Tensor& per, bool per_tensor) {
-  const int64_t n = static_cast<int64_t>(tensors.size());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials = at::empty({std::max<int64_t>(tables.n_chunks, 1)}, total.options());
+// Calls launch(dtype, first_chunk, count) for every dtype group that has chunks: one kernel
+// launch per grad dtype, over its contiguous range of chunks.
+template <typename Launch>
+void for_each_dtype_group(const std::vector<at::Tensor>& tensors, const Tables& tables, Launch&& launch) {
   for (int g = 0; g < kNumGroups; ++g) {
     const int64_t first = tables.group_first_chunk[g];
     const int64_t count = tables.group_first_chunk[g + 1] - first;
@@ -120,67 +119,75 @@ void launch_norm(const std::vector<at::Tensor>& tensors, const Tables& tables, c
     for (const auto& t : tensors) {
       if (dtype_group(t.scalar_type()) == g) dtype = t.scalar_type();
     }
+    launch(dtype, first, count);
+  }
+}
+
+// The tensors, contiguous (copies of those that were not), and their chunk tables on the host
+// and on the device: what every launch below reads.
+struct ChunkedTensors {
+  std::vector<at::Tensor> contig;
+  Tables tables;
+  at::Tensor table;  // tables.buffer on the device
+};
+
+ChunkedTensors chunked(at::TensorList tensors) {
+  std::vector<at::Tensor> contig = contiguous_all(tensors);
+  Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
+  at::Tensor table = tables_on_device(tables, tensors[0].device());
+  return {std::move(contig), std::move(tables), std::move(table)};
+}
+
+template <typename Out>
+void launch_norm(const ChunkedTensors& c, NormSpec s, at::Tensor& total, at::Tensor& per, bool per_tensor) {
+  const int64_t n = static_cast<int64_t>(c.contig.size());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partials = at::empty({std::max<int64_t>(c.tables.n_chunks, 1)}, total.options());
+  for_each_dtype_group(c.contig, c.tables, [&](c10::ScalarType dtype, int64_t first, int64_t count) {
     GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_norm_cuda", [&] {
       chunk_partial_kernel<scalar_t, Out><<<count, kThreads, 0, stream>>>(
-          table.const_data_ptr<int64_t>(), n, tables.n_chunks, first, partials.data_ptr<Out>(), s);
+          c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, first, partials.data_ptr<Out>(), s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-  finish_kernel<Out><<<1, kThreads, 0, stream>>>(table.const_data_ptr<int64_t>(), n, tables.n_chunks,
+  });
+  finish_kernel<Out><<<1, kThreads, 0, stream>>>(c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks,
                                                 partials.const_data_ptr<Out>(),
                                                 per_tensor ? per.data_ptr<Out>() : nullptr,
                                                 total.data_ptr<Out>(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table,
-                                             const Tables& tables, NormSpec s, bool per_tensor,
+std::tuple<at::Tensor, at::Tensor> norm_impl(const ChunkedTensors& c, NormSpec s, bool per_tensor,
                                              c10::ScalarType out_dtype) {
-  const auto opts = at::TensorOptions().dtype(out_dtype).device(contig[0].device());
+  const auto opts = at::TensorOptions().dtype(out_dtype).device(c.contig[0].device());
   at::Tensor total = at::empty({}, opts);
-  at::Tensor per = at::empty({per_tensor ? static_cast<int64_t>(contig.size()) : 0}, opts);
+  at::Tensor per = at::empty({per_tensor ? static_cast<int64_t>(c.contig.size()) : 0}, opts);
   if (out_dtype == c10::kDouble) {
-    launch_norm<double>(contig, tables, table, s, total, per, per_tensor);
+    launch_norm<double>(c, s, total, per, per_tensor);
   } else {
-    launch_norm<float>(contig, tables, table, s, total, per, per_tensor);
+    launch_norm<float>(c, s, total, per, per_tensor);
   }
   return {total, per};
 }
 
 // One chunk_update_kernel launch per dtype group.
 template <typename Op>
-void update_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, const Tables& tables,
-                 const Op& op) {
-  const int64_t n = static_cast<int64_t>(contig.size());
+void update_impl(const ChunkedTensors& c, const Op& op) {
+  const int64_t n = static_cast<int64_t>(c.contig.size());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int g = 0; g < kNumGroups; ++g) {
-    const int64_t first = tables.group_first_chunk[g];
-    const int64_t count = tables.group_first_chunk[g + 1] - first;
-    if (count == 0) continue;
-    c10::ScalarType dtype = c10::kFloat;
-    for (const auto& t : contig) {
-      if (dtype_group(t.scalar_type()) == g) dtype = t.scalar_type();
-    }
+  for_each_dtype_group(c.contig, c.tables, [&](c10::ScalarType dtype, int64_t first, int64_t count) {
     GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_update_cuda", [&] {
       chunk_update_kernel<scalar_t, Op><<<count, kThreads, 0, stream>>>(
-          table.const_data_ptr<int64_t>(), n, tables.n_chunks, first, op);
+          c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, first, op);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-}
-
-void scale_impl(const std::vector<at::Tensor>& contig, const at::Tensor& table, const Tables& tables,
-                const at::Tensor& total, double max_norm) {
-  AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "multi_tensor_scale_cuda", [&] {
-    update_impl(contig, table, tables, ScaleOp<scalar_t>{total.const_data_ptr<scalar_t>(), max_norm});
   });
 }
 
-// Non-contiguous inputs were scaled in contiguous copies: write those back.
-void copy_back(at::TensorList tensors, const std::vector<at::Tensor>& contig) {
-  for (size_t k = 0; k < tensors.size(); ++k) {
-    if (!tensors[k].is_same(contig[k])) tensors[k].copy_(contig[k]);
-  }
+void scale_impl(const ChunkedTensors& c, const at::Tensor& total, double max_norm) {
+  AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "multi_tensor_scale_cuda", [&] {
+    update_impl(c, ScaleOp<scalar_t>{total.const_data_ptr<scalar_t>(), max_norm});
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type,
@@ -188,54 +195,41 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   check_norm_type(norm_type);
   check_cuda_tensors(tensors);
   c10::cuda::CUDAGuard guard(tensors[0].device());
-  const auto contig = contiguous_all(tensors);
-  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  const at::Tensor table = tables_on_device(tables, tensors[0].device());
-  return norm_impl(contig, table, tables, make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
+  return norm_impl(chunked(tensors), make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
 }
+GANOPS_KERNEL(CUDA, "multi_tensor_norm", multi_tensor_norm_cuda)
 
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
   check_cuda_tensors(tensors);
   check_total_norm(total_norm, tensors[0].device());
   c10::cuda::CUDAGuard guard(tensors[0].device());
-  const auto contig = contiguous_all(tensors);
-  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  const at::Tensor table = tables_on_device(tables, tensors[0].device());
-  scale_impl(contig, table, tables, total_norm.contiguous(), max_norm);
-  copy_back(tensors, contig);
+  const ChunkedTensors c = chunked(tensors);
+  scale_impl(c, total_norm.contiguous(), max_norm);
+  copy_back(tensors, c.contig);
 }
+GANOPS_KERNEL(CUDA, "multi_tensor_scale_", multi_tensor_scale_cuda)
 
 void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
   check_cuda_tensors(tensors);
   c10::cuda::CUDAGuard guard(tensors[0].device());
-  const auto contig = contiguous_all(tensors);
-  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  const at::Tensor table = tables_on_device(tables, tensors[0].device());
-  update_impl(contig, table, tables, ClampOp{clip_value});
-  copy_back(tensors, contig);
+  const ChunkedTensors c = chunked(tensors);
+  update_impl(c, ClampOp{clip_value});
+  copy_back(tensors, c.contig);
 }
+GANOPS_KERNEL(CUDA, "multi_tensor_clamp_", multi_tensor_clamp_cuda)
 
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
   check_norm_type(norm_type);
   check_cuda_tensors(grads);
   c10::cuda::CUDAGuard guard(grads[0].device());
-  const auto contig = contiguous_all(grads);
-  const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  const at::Tensor table = tables_on_device(tables, grads[0].device());
-  const auto [total, per] =
-      norm_impl(contig, table, tables, make_norm_spec(norm_type), false, result_dtype(grads));
-  scale_impl(contig, table, tables, total, max_norm);
-  copy_back(grads, contig);
+  const ChunkedTensors c = chunked(grads);
+  const auto [total, per] = norm_impl(c, make_norm_spec(norm_type), false, result_dtype(grads));
+  scale_impl(c, total, max_norm);
+  copy_back(grads, c.contig);
   return total;
 }
+GANOPS_KERNEL(CUDA, "clip_grad_norm_", clip_grad_norm_cuda)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
-  m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
-  m.impl("clip_grad_norm_", &clip_grad_norm_cuda);
-  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_cuda);
-}
 
 }  // namespace ganops::clip_grad_norm

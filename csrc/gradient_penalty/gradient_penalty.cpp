@@ -18,9 +18,4 @@ TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // ∂penalty/∂grads, given ∂loss/∂penalty (a 0-dim tensor) and the forward's sumsq.
   m.def("gradient_norm_penalty_backward(Tensor grad_penalty, Tensor grads, Tensor sumsq, Tensor? inv_scale, "
         "float center, bool one_sided, float weight) -> Tensor");
-  // Test hook, CPU only: runs the CUDA kernels' per-thread functions for every block and
-  // thread of the launches the CUDA host code would choose. Returns (times each element was
-  // visited, per-sample sum of squares, penalty, per-sample Σ grads * (real - fake)).
-  m.def("_gradient_penalty_cuda_launch_check(Tensor grads, Tensor real, Tensor fake, float center, "
-        "bool one_sided, float weight) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -20,21 +20,36 @@
 #include <ganops/common.h>
 
 #include <cmath>
+#include <optional>
+#include <string_view>
 
 namespace ganops::gradient_penalty {
 
-// 16384 elements per chunk: 64 per thread at 256 threads, and a (64, 3, 64, 64) gradient
-// splits into 64 CPU tasks, enough to keep every core busy.
-constexpr int64_t kChunkSize = 16384;
 constexpr int kThreads = 256;
+// Elements per chunk, 16384: 64 per thread at kThreads, and a (64, 3, 64, 64) gradient
+// splits into 64 CPU tasks, enough to keep every core busy. Written once, as WORK_SPLIT in
+// triton_kernels/gradient_penalty.py; setup.py passes it in (see its docstring).
+#ifndef GANOPS_GRADIENT_PENALTY_CHUNK_SIZE
+#error "GANOPS_GRADIENT_PENALTY_CHUNK_SIZE undefined: setup.py reads it from triton_kernels/gradient_penalty.py"
+#endif
+constexpr int64_t kChunkSize = GANOPS_GRADIENT_PENALTY_CHUNK_SIZE;
 
-GANOPS_HD int64_t chunks_per_sample(int64_t sample_numel) { return ceil_div(sample_numel, kChunkSize); }
+// A tensor viewed as (N, M) and cut into its (sample, chunk) pieces, numbered
+// b = sample * n_chunks + chunk: CUDA block b, CPU task b.
+struct SampleChunks {
+  int64_t n_samples;     // N
+  int64_t sample_numel;  // M
+  int64_t n_chunks;      // per sample
 
-// The length of chunk c of a sample of m elements.
-GANOPS_HD int64_t chunk_length(int64_t m, int64_t c) {
-  const int64_t rest = m - c * kChunkSize;
-  return rest < kChunkSize ? rest : kChunkSize;
-}
+  GANOPS_HD int64_t total_chunks() const { return n_samples * n_chunks; }
+  GANOPS_HD int64_t sample(int64_t b) const { return b / n_chunks; }
+  // Piece b's first element in the tensor, and its length.
+  GANOPS_HD int64_t offset(int64_t b) const { return sample(b) * sample_numel + (b % n_chunks) * kChunkSize; }
+  GANOPS_HD int64_t length(int64_t b) const {
+    const int64_t rest = sample_numel - (b % n_chunks) * kChunkSize;
+    return rest < kChunkSize ? rest : kChunkSize;
+  }
+};
 
 // The sum one thread makes of term(i) over its elements of a chunk.
 template <typename Acc, typename Term>
@@ -123,13 +138,66 @@ GANOPS_HD Acc finish_thread(const Acc* partials, int64_t n_samples, int64_t n_ch
   return local;
 }
 
-// Host side, shared by the CPU and CUDA kernels: alpha holds one value per sample of real.
-inline void check_alpha(const at::Tensor& alpha, const at::Tensor& real) {
+// Host side, the checks of the CPU and CUDA kernels (Python checks first, naming the public
+// arguments; these guard direct torch.ops calls).
+
+// t holds samples on a device of type `device`; returns its (sample, chunk) split.
+inline SampleChunks check_samples(const at::Tensor& t, std::string_view name, c10::DeviceType device) {
+  check_float(t, name);
+  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device), " tensor here, got ",
+              t.device());
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) > 0 && t.numel() > 0, name,
+              " must have a batch dimension and at least one element per sample, got shape ", t.sizes());
+  const int64_t n = t.size(0);
+  const int64_t m = t.numel() / n;
+  return {n, m, ceil_div(m, kChunkSize)};
+}
+
+// The inverse loss scale, when given: one value in the accumulation dtype on grads' device.
+inline void check_inv_scale(const std::optional<at::Tensor>& inv_scale, const at::Tensor& grads) {
+  if (!inv_scale.has_value()) return;
+  const at::Tensor& s = *inv_scale;
+  TORCH_CHECK(s.numel() == 1, "inv_scale must hold one value, got shape ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == acc_dtype(grads.scalar_type()), "inv_scale must be ",
+              acc_dtype(grads.scalar_type()), " for ", grads.scalar_type(), " grads, got ", s.scalar_type());
+  check_same_device(s, "inv_scale", grads, "grads");
+}
+
+// gradient_norm_penalty_backward's inputs besides inv_scale; returns grads' split.
+inline SampleChunks check_penalty_backward_inputs(const at::Tensor& grad_penalty, const at::Tensor& grads,
+                                                  const at::Tensor& sumsq, c10::DeviceType device) {
+  const SampleChunks s = check_samples(grads, "grads", device);
+  TORCH_CHECK(grad_penalty.numel() == 1, "grad_penalty must hold one value, got shape ", grad_penalty.sizes());
+  check_float(grad_penalty, "grad_penalty");
+  check_same_device(grad_penalty, "grad_penalty", grads, "grads");
+  TORCH_CHECK(sumsq.dim() == 1 && sumsq.size(0) == s.n_samples, "sumsq must have shape (", s.n_samples,
+              ",), got ", sumsq.sizes());
+  TORCH_CHECK(sumsq.scalar_type() == acc_dtype(grads.scalar_type()), "sumsq must be ",
+              acc_dtype(grads.scalar_type()), ", got ", sumsq.scalar_type());
+  check_same_device(sumsq, "sumsq", grads, "grads");
+  return s;
+}
+
+// interpolate's inputs: real and fake alike, alpha one value per sample. Returns real's split.
+inline SampleChunks check_interpolate_inputs(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha,
+                                             c10::DeviceType device) {
+  const SampleChunks s = check_samples(real, "real", device);
+  check_like(real, "real", fake, "fake");
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
               ",), got ", alpha.sizes());
   TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
               ", got ", alpha.scalar_type());
   check_same_device(alpha, "alpha", real, "real");
+  return s;
+}
+
+// interpolate_backward's inputs: interpolate's, and grad like real.
+inline SampleChunks check_interpolate_backward_inputs(const at::Tensor& grad, const at::Tensor& real,
+                                                      const at::Tensor& fake, const at::Tensor& alpha,
+                                                      c10::DeviceType device) {
+  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, device);
+  check_like(grad, "grad", real, "real");
+  return s;
 }
 
 }  // namespace ganops::gradient_penalty

@@ -14,8 +14,4 @@ TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // The vector-Jacobian product of minibatch_similarity_backward with grad_grad_M, the
   // gradient flowing into its output: returns (d/d grad, d/d M).
   m.def("minibatch_similarity_double_backward(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)");
-  // Test hook, CPU only: runs the CUDA kernels' per-thread functions for every block and
-  // thread of the launch the CUDA host code would choose. Returns (times each (i, b) row was
-  // visited, o, dM, then the double backward's d/d grad and d/d M).
-  m.def("_minibatch_similarity_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, bool exclude_self) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

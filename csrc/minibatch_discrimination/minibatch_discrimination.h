@@ -1,6 +1,6 @@
 // Math and per-thread work of the minibatch-discrimination similarity, shared by the CUDA
-// kernels and the CPU test of their launch (the CPU kernels use the same formulas on a
-// lane-packed layout, see minibatch_discrimination_cpu.cpp).
+// kernels and the CPU test of their launch (minibatch_discrimination_launch_check.cpp); the
+// CPU kernels use the same formulas on a lane-packed layout (minibatch_discrimination_cpu.cpp).
 //
 // With M of shape (N, B, C), row (i, b) is the C-vector M[i, b, :]; for a pair (i, j):
 //   D[i,j,b] = Σ_c |M[i,b,c] − M[j,b,c]|,   K = exp(−D),   S[c] = sign(M[i,b,c] − M[j,b,c]).

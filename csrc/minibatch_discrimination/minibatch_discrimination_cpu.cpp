@@ -10,16 +10,23 @@
 // parts are summed in part order, so results are bit-identical whatever the thread count.
 // Extra memory: the packed copies and up to kMaxBlocks / 2 partial sums, O(N·B·C).
 //
-// On x86-64 the task loop is also compiled for AVX2 and picked at run time; both versions do
-// the same IEEE operations (no FMA contraction), so they give the same bits.
+// On x86-64 the task loop is also compiled for AVX2 and for AVX-512 and picked at run time
+// (ganops/isa.h); every version does the same IEEE operations (no FMA contraction), so they
+// give the same bits.
+
+// GCC contracts a·b + c into an FMA when the target has one (AVX-512 does): keep every kernel
+// version to the same separately rounded operations. Before the includes, so that isa.h's
+// entry points, templates defined there, are compiled under it too.
+#pragma GCC optimize("fp-contract=off")
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/isa.h>
+#include <ganops/registration.h>
 
 #include "minibatch_discrimination/minibatch_discrimination.h"
 
@@ -29,10 +36,6 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
-
-// GCC contracts a·b + c into an FMA when the target has one (AVX-512 does): keep every kernel
-// version to the same separately rounded operations.
-#pragma GCC optimize("fp-contract=off")
 
 namespace ganops::minibatch_discrimination {
 namespace {
@@ -211,7 +214,7 @@ inline void pair(const Args<Acc>& a, int64_t t, int64_t i, int64_t j, Acc* __res
 // blocks − 1 − p, so every part does about the same number of pairs. The number of parts
 // depends on N only, never on the thread count, and each part of each tile has its own
 // accumulators, summed in part order afterwards: the results are bit-identical whatever the
-// thread count. At most kMaxParts parts bound the extra memory to kMaxParts copies of dM.
+// thread count. At most kMaxBlocks / 2 parts bound the extra memory to that many copies of dM.
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxBlocks = 16;
 
@@ -264,34 +267,6 @@ inline void run_task(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t 
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define GANOPS_MBD_X86 1
-// The same loop compiled for AVX-512 and for AVX2, picked at run time; flatten inlines run_task
-// so all of it gets the target. One row of a tile is one 512-bit vector of float.
-template <Mode mode, typename Acc>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,prefer-vector-width=512"), flatten)) void
-run_task_avx512(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t t) {
-  run_task<mode, Acc>(a, bl, p, t);
-}
-
-template <Mode mode, typename Acc>
-__attribute__((target("avx2"), flatten)) void run_task_avx2(const Args<Acc>& a, const Blocking& bl, int64_t p,
-                                                            int64_t t) {
-  run_task<mode, Acc>(a, bl, p, t);
-}
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
-                             ? Isa::kAvx512
-                         : __builtin_cpu_supports("avx2") ? Isa::kAvx2
-                                                          : Isa::kBase;
-  return isa;
-}
-#endif
-
 // Sums the parts of x (parts × size) into the first, in part order.
 template <typename Acc>
 void sum_parts(Acc* x, int64_t parts, int64_t size) {
@@ -308,122 +283,75 @@ template <Mode mode, typename Acc>
 void run(const Args<Acc>& a, const Blocking& bl) {
   at::parallel_for(0, bl.parts * a.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-#ifdef GANOPS_MBD_X86
-      switch (cpu_isa()) {
-        case Isa::kAvx512: run_task_avx512<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); continue;
-        case Isa::kAvx2: run_task_avx2<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); continue;
-        case Isa::kBase: break;
-      }
-#endif
-      run_task<mode, Acc>(a, bl, task / a.tiles, task % a.tiles);
+      // One row of a tile is one 512-bit vector of float.
+      run_for_best_isa<Isa::kAvx512, Isa::kAvx2>([&] { run_task<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); });
     }
   });
   if (mode != Mode::kBackward) sum_parts(a.row, bl.parts, a.tiles * a.N * kLanes);
   if (mode != Mode::kForward) sum_parts(a.dM, bl.parts, a.tiles * a.N * a.C * kLanes);
 }
 
-at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
+// A call's sizes, M (N, B, C), and its work split: tiles of kLanes values of b, parts of
+// row blocks.
+struct Problem {
+  int64_t N, B, C, tiles;
+  Blocking bl;
+};
+
+Problem problem_of(const at::Tensor& M) {
   check_M(M, c10::DeviceType::CPU);
   const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
-  const int64_t tiles = ceil_div(B, kLanes);
-  const Blocking bl = blocking(N);
-  at::Tensor out;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cpu", [&] {
-    using Acc = acc_t<scalar_t>;
-    const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
-    std::vector<Acc> o(static_cast<size_t>(bl.parts * tiles * N * kLanes));
-    run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, N, C, tiles, exclude_self}, bl);
-    out = unpack<scalar_t, Acc>(o.data(), {N, B}, M.options());
-  });
-  return out;
+  return {N, B, C, ceil_div(B, kLanes), blocking(N)};
 }
 
+at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
+  const Problem p = problem_of(M);
+  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cpu", [&] {
+    using Acc = acc_t<scalar_t>;
+    const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
+    std::vector<Acc> o(static_cast<size_t>(p.bl.parts * p.tiles * p.N * kLanes));
+    run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, p.N, p.C, p.tiles, exclude_self}, p.bl);
+    return unpack<scalar_t, Acc>(o.data(), {p.N, p.B}, M.options());
+  });
+}
+GANOPS_KERNEL(CPU, "minibatch_similarity", similarity_cpu)
+
 at::Tensor similarity_backward_cpu(const at::Tensor& grad, const at::Tensor& M) {
-  check_M(M, c10::DeviceType::CPU);
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
-  check_like(grad, "grad", M, {N, B});
-  const int64_t tiles = ceil_div(B, kLanes);
-  const Blocking bl = blocking(N);
-  at::Tensor out;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cpu", [&] {
+  const Problem p = problem_of(M);
+  check_like(grad, "grad", M, {p.N, p.B});
+  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
-    std::vector<Acc> dM(static_cast<size_t>(bl.parts) * Mp.size());
-    run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), N, C, tiles, false}, bl);
-    out = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
+    std::vector<Acc> dM(static_cast<size_t>(p.bl.parts) * Mp.size());
+    run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), p.N, p.C, p.tiles, false}, p.bl);
+    return unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });
-  return out;
 }
+GANOPS_KERNEL(CPU, "minibatch_similarity_backward", similarity_backward_cpu)
 
 std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cpu(const at::Tensor& grad_grad_M,
                                                                   const at::Tensor& grad, const at::Tensor& M) {
-  check_M(M, c10::DeviceType::CPU);
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
-  check_like(grad, "grad", M, {N, B});
+  const Problem p = problem_of(M);
+  check_like(grad, "grad", M, {p.N, p.B});
   check_like(grad_grad_M, "grad_grad_M", M, M.sizes());
-  const int64_t tiles = ceil_div(B, kLanes);
-  const Blocking bl = blocking(N);
   at::Tensor d_grad, d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
     const std::vector<Acc> hp = pack<scalar_t, Acc>(grad_grad_M);
-    std::vector<Acc> dg(static_cast<size_t>(bl.parts) * gp.size());
-    std::vector<Acc> dM(static_cast<size_t>(bl.parts) * Mp.size());
-    run<Mode::kDoubleBackward, Acc>({Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), N, C, tiles, false},
-                                    bl);
+    std::vector<Acc> dg(static_cast<size_t>(p.bl.parts) * gp.size());
+    std::vector<Acc> dM(static_cast<size_t>(p.bl.parts) * Mp.size());
+    run<Mode::kDoubleBackward, Acc>(
+        {Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), p.N, p.C, p.tiles, false}, p.bl);
     d_grad = unpack<scalar_t, Acc>(dg.data(), grad.sizes(), M.options());
     d_M = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });
   return {d_grad, d_M};
 }
-
-// Emulates the CUDA launch (minibatch_discrimination_cuda.cu) block by block and thread by
-// thread, with the same row mapping and per-thread functions.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_launch_check(
-    const at::Tensor& M_in, const at::Tensor& grad_in, const at::Tensor& h_in, bool exclude_self) {
-  check_M(M_in, c10::DeviceType::CPU);
-  const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
-  check_like(grad_in, "grad", M_in, {N, B});
-  check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
-  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
-  at::Tensor coverage = at::zeros({N, B}, at::TensorOptions().dtype(c10::kInt));
-  at::Tensor o, dM, dg, dM2;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_launch_check", [&] {
-    using Acc = acc_t<scalar_t>;
-    const auto acc_opts = M.options().dtype(c10::CppTypeToScalarType<Acc>::value);
-    o = at::zeros({N, B}, acc_opts);
-    dM = at::zeros({N, B, C}, acc_opts);
-    dg = at::zeros({N, B}, acc_opts);
-    dM2 = at::zeros({N, B, C}, acc_opts);
-    const scalar_t* m = M.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    for (int64_t block = 0; block < num_blocks(N, B); ++block) {
-      for (int tid = 0; tid < kThreads; ++tid) {
-        const RowIndex r = thread_row(block, tid, N, B);
-        if (!r.valid) continue;
-        const int64_t row = r.i * B + r.b;
-        ++coverage.data_ptr<int32_t>()[row];
-        o.data_ptr<Acc>()[row] = similarity_row<scalar_t, Acc>(m, N, B, C, r.i, r.b, exclude_self);
-        similarity_backward_row<scalar_t, Acc>(g, m, N, B, C, r.i, r.b, dM.data_ptr<Acc>() + row * C);
-        dg.data_ptr<Acc>()[row] = similarity_double_backward_row<scalar_t, Acc>(
-            h.const_data_ptr<scalar_t>(), g, m, N, B, C, r.i, r.b, dM2.data_ptr<Acc>() + row * C);
-      }
-    }
-  });
-  const auto dtype = M.scalar_type();
-  return {coverage, o.to(dtype), dM.to(dtype), dg.to(dtype), dM2.to(dtype)};
-}
+GANOPS_KERNEL(CPU, "minibatch_similarity_double_backward", similarity_double_backward_cpu)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CPU, m) {
-  m.impl("minibatch_similarity", &similarity_cpu);
-  m.impl("minibatch_similarity_backward", &similarity_backward_cpu);
-  m.impl("minibatch_similarity_double_backward", &similarity_double_backward_cpu);
-  m.impl("_minibatch_similarity_cuda_launch_check", &cuda_launch_check);
-}
 
 }  // namespace ganops::minibatch_discrimination

@@ -11,10 +11,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/registration.h>
 
 #include "minibatch_discrimination/minibatch_discrimination.h"
 
@@ -47,11 +47,6 @@ __global__ void __launch_bounds__(kThreads)
   d_grad[row] = static_cast<T>(similarity_double_backward_row<T, Acc>(h, grad, M, N, B, C, r.i, r.b, d_M + row * C));
 }
 
-template <typename Acc>
-at::TensorOptions acc_options(const at::Tensor& M) {
-  return M.options().dtype(c10::CppTypeToScalarType<Acc>::value);
-}
-
 at::Tensor similarity_cuda(const at::Tensor& M_in, bool exclude_self) {
   check_M(M_in, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(M_in.device());
@@ -66,6 +61,7 @@ at::Tensor similarity_cuda(const at::Tensor& M_in, bool exclude_self) {
   });
   return out;
 }
+GANOPS_KERNEL(CUDA, "minibatch_similarity", similarity_cuda)
 
 at::Tensor similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor& M_in) {
   check_M(M_in, c10::DeviceType::CUDA);
@@ -76,7 +72,7 @@ at::Tensor similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
   at::Tensor out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    at::Tensor dM = at::zeros({N, B, C}, acc_options<Acc>(M));
+    at::Tensor dM = at::zeros({N, B, C}, M.options().dtype(acc_dtype(M.scalar_type())));
     if (N * B > 0) {
       similarity_backward_kernel<scalar_t, Acc><<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C, dM.data_ptr<Acc>());
@@ -86,6 +82,7 @@ at::Tensor similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
   });
   return out;
 }
+GANOPS_KERNEL(CUDA, "minibatch_similarity_backward", similarity_backward_cuda)
 
 std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cuda(const at::Tensor& h_in, const at::Tensor& grad_in,
                                                                    const at::Tensor& M_in) {
@@ -99,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cuda(const at::Ten
   at::Tensor d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    at::Tensor acc = at::zeros({N, B, C}, acc_options<Acc>(M));
+    at::Tensor acc = at::zeros({N, B, C}, M.options().dtype(acc_dtype(M.scalar_type())));
     if (N * B > 0) {
       similarity_double_backward_kernel<scalar_t, Acc>
           <<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -111,13 +108,8 @@ std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cuda(const at::Ten
   });
   return {d_grad, d_M};
 }
+GANOPS_KERNEL(CUDA, "minibatch_similarity_double_backward", similarity_double_backward_cuda)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("minibatch_similarity", &similarity_cuda);
-  m.impl("minibatch_similarity_backward", &similarity_backward_cuda);
-  m.impl("minibatch_similarity_double_backward", &similarity_double_backward_cuda);
-}
 
 }  // namespace ganops::minibatch_discrimination

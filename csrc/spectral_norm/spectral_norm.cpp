@@ -17,11 +17,4 @@ TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // dW = (G - <G, W/sigma> u v^T) / sigma + grad_sigma u v^T, for sigma = u^T W v with u, v constant.
   m.def("spectral_norm_backward(Tensor grad, Tensor? grad_sigma, Tensor weight, Tensor u, Tensor v, "
         "Tensor sigma, int dim) -> Tensor");
-  // Test hook, CPU only: runs the CUDA kernels' per-thread functions for every block and
-  // thread of the launches the CUDA host code would choose, for one power iteration, the
-  // scale and the backward with gradient `grad`. Returns (visits [4, numel]: times each
-  // element was read by the row-dot, column-partial, scale and backward-dot launches;
-  // u, v, sigma, W / sigma, dW).
-  m.def("_spectral_norm_cuda_launch_check(Tensor weight, Tensor u, Tensor v, Tensor grad, int dim, float eps) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

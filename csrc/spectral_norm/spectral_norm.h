@@ -11,7 +11,7 @@
 // third matrix-vector product torch spends.
 //
 // CUDA launches (the per-thread work of each lives here, so a CPU test can run it for every
-// block and thread, see _spectral_norm_cuda_launch_check):
+// block and thread, see spectral_norm_launch_check.cpp):
 //   row_dot_kernel     grid rows,                        block b: t[b] = row b . x
 //   col_partial_kernel grid (ceil(cols/kThreads), ceil(rows/kRowsPerChunk)):
 //                      thread (bx, r, tid): partial[r][j] of column j = bx * kThreads + tid
@@ -27,15 +27,21 @@
 #include <ganops/checks.h>
 #include <ganops/block.h>
 #include <ganops/common.h>
+#include <ganops/contiguous.h>
 
 namespace ganops::spectral_norm {
 
 constexpr int kThreads = 256;
-// Rows per column-partial block: with cols = 18432 and rows = 2048 that is 72 x 32 blocks,
-// enough to fill a GPU, and the finishing pass reads only 32 partials per column.
-constexpr int64_t kRowsPerChunk = 64;
-// Elements per block of the elementwise and dot-product kernels.
-constexpr int64_t kChunkSize = 4096;
+// The work split is written once, as WORK_SPLIT in triton_kernels/spectral_norm.py; setup.py
+// passes each entry in (see its docstring).
+#if !defined(GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK) || !defined(GANOPS_SPECTRAL_NORM_CHUNK_SIZE)
+#error "GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK or _CHUNK_SIZE undefined: setup.py reads them from triton_kernels/spectral_norm.py"
+#endif
+// Rows per column-partial block, 64: with cols = 18432 and rows = 2048 that is 72 x 32
+// blocks, enough to fill a GPU, and the finishing pass reads only 32 partials per column.
+constexpr int64_t kRowsPerChunk = GANOPS_SPECTRAL_NORM_ROWS_PER_CHUNK;
+// Elements per block of the elementwise and dot-product kernels, 4096.
+constexpr int64_t kChunkSize = GANOPS_SPECTRAL_NORM_CHUNK_SIZE;
 
 struct MatrixShape {
   int64_t outer;
@@ -184,10 +190,6 @@ inline MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim) {
   return s;
 }
 
-inline c10::ScalarType sigma_dtype(c10::ScalarType weight_dtype) {
-  return weight_dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
-}
-
 inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                     int64_t dim) {
   check_float(weight, "weight");
@@ -209,32 +211,53 @@ inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& 
 
 inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
   TORCH_CHECK(sigma.dim() == 0, "sigma must be 0-D, got shape ", sigma.sizes());
-  TORCH_CHECK(sigma.scalar_type() == sigma_dtype(weight.scalar_type()), "sigma must be ",
-              sigma_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
+  TORCH_CHECK(sigma.scalar_type() == acc_dtype(weight.scalar_type()), "sigma must be ",
+              acc_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
               sigma.scalar_type());
   check_same_device(sigma, "sigma", weight, "weight");
 }
 
-// The forward's outputs, alike for the CPU and CUDA kernels. u, v were iterated in place in
-// uc, vc (contiguous copies when the buffers were not); write those back. The vectors this
+// The forward's inputs, checked alike by the CPU and CUDA kernels, and contiguous: the power
+// iteration updates these u and v in place (copies when the buffers were not contiguous).
+struct ForwardInputs {
+  MatrixShape s;
+  at::Tensor w, u, v;
+};
+
+inline ForwardInputs forward_inputs(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim,
+                                    int64_t n_power_iterations) {
+  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
+  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
+  return {s, weight.contiguous(), u.contiguous(), v.contiguous()};
+}
+
+// The forward's outputs, alike for the CPU and CUDA kernels. The buffers u, v were iterated
+// in place in ForwardInputs' u, v (passed here as uc, vc); write those back. The vectors this
 // step used are returned as copies: autograd keeps them while the buffers move on.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_result(
     at::Tensor& u, const at::Tensor& uc, at::Tensor& v, const at::Tensor& vc, const at::Tensor& out,
     const at::Tensor& sigma) {
-  if (!uc.is_same(u)) u.copy_(uc);
-  if (!vc.is_same(v)) v.copy_(vc);
+  copy_back(u, uc);
+  copy_back(v, vc);
   return {out, sigma, uc.clone(), vc.clone()};
 }
 
-// The backward's inputs, checked alike by the CPU and CUDA kernels; returns the matrix view.
-inline MatrixShape check_backward_inputs(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
-                                         const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                                         const at::Tensor& sigma, int64_t dim) {
+// The backward's inputs, checked alike by the CPU and CUDA kernels, and contiguous.
+struct BackwardInputs {
+  MatrixShape s;
+  at::Tensor w, g, u, v;
+  bool has_grad_sigma;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
+                                      const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                                      const at::Tensor& sigma, int64_t dim) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   check_sigma(sigma, weight);
   check_like(weight, "weight", grad, "grad");
-  if (grad_sigma.has_value() && grad_sigma->defined()) check_sigma(*grad_sigma, weight);
-  return s;
+  const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
+  if (has_grad_sigma) check_sigma(*grad_sigma, weight);
+  return {s, weight.contiguous(), grad.contiguous(), u.contiguous(), v.contiguous(), has_grad_sigma};
 }
 
 }  // namespace ganops::spectral_norm

@@ -8,11 +8,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/isa.h>
+#include <ganops/lanes.h>
+#include <ganops/registration.h>
 
 #include <algorithm>
 #include <cstring>
@@ -32,8 +33,6 @@ constexpr int64_t kColBlock = 512;
 // lanes, the first try, ran 2x slower than torch.mv on 512x4608 float32).
 constexpr int kVecAccs = 8;
 
-#define GANOPS_ALWAYS_INLINE inline __attribute__((always_inline))
-
 // 32-byte vectors (GCC/Clang vector extensions): one AVX register, or two SSE registers on
 // the baseline ISA. The reduction order is fixed by the code, not by the compiler.
 template <typename T>
@@ -43,24 +42,28 @@ struct Vec {
 template <typename T>
 using vec_t = typename Vec<T>::type;
 
+// acc += a[0 .. W) * b[0 .. W) elementwise. Through a reference, not by value: a vector
+// passed or returned by value changes the ABI between the baseline and AVX versions
+// (GCC's -Wpsabi).
 template <typename T>
-GANOPS_ALWAYS_INLINE vec_t<T> load_vec(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+inline void add_product(vec_t<T>& acc, const T* a, const T* b) {
+  vec_t<T> x, y;
+  std::memcpy(&x, a, sizeof(x));
+  std::memcpy(&y, b, sizeof(y));
+  acc += x * y;
 }
 
 // a . b for float and double: kVecAccs vector accumulators over the bulk, one over the
 // remaining whole vectors, a scalar over the tail, combined pairwise in a fixed order.
 template <typename T>
-GANOPS_ALWAYS_INLINE T dot_vectorized(const T* a, const T* b, int64_t n) {
+inline T dot_vectorized(const T* a, const T* b, int64_t n) {
   constexpr int W = sizeof(vec_t<T>) / sizeof(T);
   vec_t<T> acc[kVecAccs] = {};
   int64_t k = 0;
   for (; k + W * kVecAccs <= n; k += W * kVecAccs) {
-    for (int l = 0; l < kVecAccs; ++l) acc[l] += load_vec(a + k + l * W) * load_vec(b + k + l * W);
+    for (int l = 0; l < kVecAccs; ++l) add_product(acc[l], a + k + l * W, b + k + l * W);
   }
-  for (; k + W <= n; k += W) acc[0] += load_vec(a + k) * load_vec(b + k);
+  for (; k + W <= n; k += W) add_product(acc[0], a + k, b + k);
   for (int w = kVecAccs / 2; w > 0; w /= 2) {
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   }
@@ -74,40 +77,25 @@ GANOPS_ALWAYS_INLINE T dot_vectorized(const T* a, const T* b, int64_t n) {
   return lanes[0] + tail;
 }
 
-// a . b for half types, converted and accumulated in float over 16 lanes.
+// a . b: vectorised for float and double; half types converted and accumulated in float
+// in ganops/lanes.h's lanes.
 template <typename T, typename Acc>
-GANOPS_ALWAYS_INLINE Acc dot_converted(const T* a, const T* b, int64_t n) {
-  constexpr int L = 16;
-  Acc lanes[L] = {};
-  int64_t k = 0;
-  for (; k + L <= n; k += L) {
-    for (int l = 0; l < L; ++l) lanes[l] += Acc(a[k + l]) * Acc(b[k + l]);
-  }
-  for (; k < n; ++k) lanes[0] += Acc(a[k]) * Acc(b[k]);
-  for (int w = L / 2; w > 0; w /= 2) {
-    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-  }
-  return lanes[0];
-}
-
-template <typename T, typename Acc>
-GANOPS_ALWAYS_INLINE Acc dot_body(const T* a, const T* b, int64_t n) {
+inline Acc dot(const T* a, const T* b, int64_t n) {
   if constexpr (std::is_same_v<T, Acc>) {
     return dot_vectorized<T>(a, b, n);
   } else {
-    return dot_converted<T, Acc>(a, b, n);
+    return lane_reduce<Acc>(n, [&](int64_t k) { return Acc(a[k]) * Acc(b[k]); }, Plus{});
   }
 }
 
 // t[i] = (W x)[i] for rows [begin, end): row i is the segments (a, i) of `inner` contiguous
 // elements, a = 0 .. outer - 1.
 template <typename T, typename Acc>
-GANOPS_ALWAYS_INLINE void mat_vec_rows_body(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end,
-                                            Acc* t) {
+inline void mat_vec_rows(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end, Acc* t) {
   for (int64_t i = begin; i < end; ++i) {
     Acc acc = Acc(0);
     for (int64_t a = 0; a < s.outer; ++a) {
-      acc += dot_body<T, Acc>(w + (a * s.rows + i) * s.inner, x + a * s.inner, s.inner);
+      acc += dot<T, Acc>(w + (a * s.rows + i) * s.inner, x + a * s.inner, s.inner);
     }
     t[i] = acc;
   }
@@ -117,8 +105,8 @@ GANOPS_ALWAYS_INLINE void mat_vec_rows_body(const T* w, const T* x, MatrixShape 
 // sweep over the accumulators (written as four sequential additions, so the order and the
 // result are those of one row at a time) cut the accumulator traffic fourfold.
 template <typename T, typename Acc>
-GANOPS_ALWAYS_INLINE void mat_t_vec_block_body(const T* w, const T* x, MatrixShape s, int64_t a, int64_t b0,
-                                               int64_t len, Acc* out) {
+inline void mat_t_vec_block(const T* w, const T* x, MatrixShape s, int64_t a, int64_t b0, int64_t len,
+                            Acc* out) {
   Acc acc[kColBlock];
   for (int64_t b = 0; b < len; ++b) acc[b] = Acc(0);
   const int64_t stride = s.inner;
@@ -143,14 +131,14 @@ GANOPS_ALWAYS_INLINE void mat_t_vec_block_body(const T* w, const T* x, MatrixSha
 }
 
 template <typename T, typename Acc>
-GANOPS_ALWAYS_INLINE void scale_range_body(const T* w, int64_t n, Acc inv, T* out) {
+inline void scale_range(const T* w, int64_t n, Acc inv, T* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(Acc(w[k]) * inv);
 }
 
 // dW = G / sigma - coef u v^T over segments [begin, end), segment (a, i) = a * rows + i.
 template <typename T, typename Acc>
-GANOPS_ALWAYS_INLINE void grad_segments_body(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin,
-                                             int64_t end, Acc inv, Acc coef, T* out) {
+inline void grad_segments(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin, int64_t end,
+                          Acc inv, Acc coef, T* out) {
   for (int64_t seg = begin; seg < end; ++seg) {
     const Acc cu = coef * Acc(u[seg % s.rows]);
     const T* vs = v + (seg / s.rows) * s.inner;
@@ -159,63 +147,13 @@ GANOPS_ALWAYS_INLINE void grad_segments_body(const T* g, const T* u, const T* v,
   }
 }
 
-// The leaf kernels, compiled once for the baseline ISA and once for AVX + FMA (picked at run
-// time): torch's own elementwise kernels on this class of CPU are baseline, but its BLAS
-// matrix-vector products use AVX, and so must ours to keep up.
-#define GANOPS_SPECTRAL_NORM_LEAVES(ATTR)                                                                      \
-  template <typename T, typename Acc>                                                                         \
-  ATTR Acc dot(const T* a, const T* b, int64_t n) {                                                           \
-    return dot_body<T, Acc>(a, b, n);                                                                         \
-  }                                                                                                           \
-  template <typename T, typename Acc>                                                                         \
-  ATTR void mat_vec_rows(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end, Acc* t) {         \
-    mat_vec_rows_body<T, Acc>(w, x, s, begin, end, t);                                                        \
-  }                                                                                                           \
-  template <typename T, typename Acc>                                                                         \
-  ATTR void mat_t_vec_block(const T* w, const T* x, MatrixShape s, int64_t a, int64_t b0, int64_t len,        \
-                            Acc* out) {                                                                       \
-    mat_t_vec_block_body<T, Acc>(w, x, s, a, b0, len, out);                                                   \
-  }                                                                                                           \
-  template <typename T, typename Acc>                                                                         \
-  ATTR void scale_range(const T* w, int64_t n, Acc inv, T* out) {                                             \
-    scale_range_body<T, Acc>(w, n, inv, out);                                                                 \
-  }                                                                                                           \
-  template <typename T, typename Acc>                                                                         \
-  ATTR void grad_segments(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin, int64_t end,      \
-                          Acc inv, Acc coef, T* out) {                                                        \
-    grad_segments_body<T, Acc>(g, u, v, s, begin, end, inv, coef, out);                                       \
-  }
-
-namespace baseline {
-GANOPS_SPECTRAL_NORM_LEAVES()
-}  // namespace baseline
-namespace avx_fma {
-GANOPS_SPECTRAL_NORM_LEAVES(__attribute__((target("avx,fma"))))
-}  // namespace avx_fma
-
-bool cpu_has_avx_fma() {
-  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
-  return has;
+// The leaf loops above run compiled for AVX + FMA where the CPU has them, else for the
+// baseline (ganops/isa.h): torch's own elementwise kernels on this class of CPU are baseline,
+// but its BLAS matrix-vector products use AVX, and so must ours to keep up.
+template <typename Leaf>
+decltype(auto) run_leaf(Leaf&& leaf) {
+  return run_for_best_isa<Isa::kAvxFma>(leaf);
 }
-
-// The leaves for one dtype, for this CPU.
-template <typename T, typename Acc>
-struct Leaves {
-  decltype(&baseline::dot<T, Acc>) dot;
-  decltype(&baseline::mat_vec_rows<T, Acc>) mat_vec_rows;
-  decltype(&baseline::mat_t_vec_block<T, Acc>) mat_t_vec_block;
-  decltype(&baseline::scale_range<T, Acc>) scale_range;
-  decltype(&baseline::grad_segments<T, Acc>) grad_segments;
-
-  static const Leaves& get() {
-    static const Leaves leaves = cpu_has_avx_fma()
-        ? Leaves{avx_fma::dot<T, Acc>, avx_fma::mat_vec_rows<T, Acc>, avx_fma::mat_t_vec_block<T, Acc>,
-                 avx_fma::scale_range<T, Acc>, avx_fma::grad_segments<T, Acc>}
-        : Leaves{baseline::dot<T, Acc>, baseline::mat_vec_rows<T, Acc>, baseline::mat_t_vec_block<T, Acc>,
-                 baseline::scale_range<T, Acc>, baseline::grad_segments<T, Acc>};
-    return leaves;
-  }
-};
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
@@ -223,27 +161,27 @@ int64_t grain_for(int64_t elements_per_item) {
 
 template <typename Acc>
 Acc sum_sq(const Acc* x, int64_t n) {
-  return Leaves<Acc, Acc>::get().dot(x, x, n);
+  return run_leaf([&] { return dot<Acc, Acc>(x, x, n); });
 }
 
 // t = W x, parallel over rows.
 template <typename T, typename Acc>
 void mat_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
-  const auto& leaves = Leaves<T, Acc>::get();
-  at::parallel_for(0, s.rows, grain_for(s.cols()),
-                   [&](int64_t begin, int64_t end) { leaves.mat_vec_rows(w, x, s, begin, end, t); });
+  at::parallel_for(0, s.rows, grain_for(s.cols()), [&](int64_t begin, int64_t end) {
+    run_leaf([&] { mat_vec_rows<T, Acc>(w, x, s, begin, end, t); });
+  });
 }
 
 // t = W^T x, one task per (a, block of kColBlock columns of segment a).
 template <typename T, typename Acc>
 void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
-  const auto& leaves = Leaves<T, Acc>::get();
   const int64_t blocks = ceil_div(s.inner, kColBlock);
   at::parallel_for(0, s.outer * blocks, grain_for(s.rows * kColBlock), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t a = task / blocks;
       const int64_t b0 = (task % blocks) * kColBlock;
-      leaves.mat_t_vec_block(w, x, s, a, b0, std::min(kColBlock, s.inner - b0), t + a * s.inner + b0);
+      const int64_t len = std::min(kColBlock, s.inner - b0);
+      run_leaf([&] { mat_t_vec_block<T, Acc>(w, x, s, a, b0, len, t + a * s.inner + b0); });
     }
   });
 }
@@ -269,7 +207,7 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
   if (n_iter == 0) {
     mat_vec<T, Acc>(wp, vp, s, t.data());
     std::vector<Acc> uu(up, up + s.rows);
-    sigma = Leaves<Acc, Acc>::get().dot(uu.data(), t.data(), s.rows);
+    sigma = run_leaf([&] { return dot<Acc, Acc>(uu.data(), t.data(), s.rows); });
   } else {
     std::vector<Acc> c(s.cols());
     Acc ss = Acc(0);
@@ -281,186 +219,70 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
     }
     sigma = sigma_from_sum_sq(ss, eps);
   }
-  at::Tensor out = at::empty({}, w.options().dtype(sigma_dtype(w.scalar_type())));
+  at::Tensor out = at::empty({}, w.options().dtype(acc_dtype(w.scalar_type())));
   out.data_ptr<Acc>()[0] = sigma;
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cpu(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
-  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
-  const at::Tensor w = weight.contiguous();
-  at::Tensor uc = u.contiguous();
-  at::Tensor vc = v.contiguous();
+  ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
+  const MatrixShape s = in.s;
   at::Tensor sigma;
-  at::Tensor out = at::empty_like(w);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_forward_cpu", [&] {
+  at::Tensor out = at::empty_like(in.w);
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
-    sigma = sigma_impl<scalar_t>(w, uc, vc, s, n_power_iterations, eps);
+    sigma = sigma_impl<scalar_t>(in.w, in.u, in.v, s, n_power_iterations, eps);
     const Acc inv = Acc(1) / sigma.const_data_ptr<Acc>()[0];
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* wp = in.w.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const auto& leaves = Leaves<scalar_t, Acc>::get();
-    at::parallel_for(0, s.numel(), kGrainElements,
-                     [&](int64_t begin, int64_t end) { leaves.scale_range(wp + begin, end - begin, inv, op + begin); });
+    at::parallel_for(0, s.numel(), kGrainElements, [&](int64_t begin, int64_t end) {
+      run_leaf([&] { scale_range<scalar_t, Acc>(wp + begin, end - begin, inv, op + begin); });
+    });
   });
-  return forward_result(u, uc, v, vc, out, sigma);
+  return forward_result(u, in.u, v, in.v, out, sigma);
 }
+GANOPS_KERNEL(CPU, "spectral_norm_forward_", spectral_norm_forward_cpu)
 
 at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                             const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                             const at::Tensor& sigma, int64_t dim) {
-  const MatrixShape s = check_backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
-  const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor vc = v.contiguous();
-  at::Tensor out = at::empty_like(w);
-  const int64_t n = w.numel();
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cpu", [&] {
+  const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
+  const MatrixShape s = in.s;
+  at::Tensor out = at::empty_like(in.w);
+  const int64_t n = in.w.numel();
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
-    const T* wp = w.const_data_ptr<T>();
-    const T* gp = g.const_data_ptr<T>();
-    const T* up = uc.const_data_ptr<T>();
-    const T* vp = vc.const_data_ptr<T>();
+    const T* wp = in.w.const_data_ptr<T>();
+    const T* gp = in.g.const_data_ptr<T>();
+    const T* up = in.u.const_data_ptr<T>();
+    const T* vp = in.v.const_data_ptr<T>();
     T* op = out.data_ptr<T>();
     // Pass 1: <G, W>, chunk partials combined in chunk order.
-    const auto& leaves = Leaves<T, Acc>::get();
     const int64_t n_chunks = ceil_div(n, kChunkSize);
     std::vector<Acc> partials(n_chunks);
     at::parallel_for(0, n_chunks, grain_for(kChunkSize), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t k0 = c * kChunkSize;
-        partials[c] = leaves.dot(gp + k0, wp + k0, std::min(kChunkSize, n - k0));
+        partials[c] = run_leaf([&] { return dot<T, Acc>(gp + k0, wp + k0, std::min(kChunkSize, n - k0)); });
       }
     });
     Acc gw = Acc(0);
     for (const Acc p : partials) gw += p;
     const Acc sig = sigma.const_data_ptr<Acc>()[0];
-    const Acc coef = outer_coefficient(gw, sig, has_grad_sigma ? grad_sigma->const_data_ptr<Acc>()[0] : Acc(0));
+    const Acc grad_sig = in.has_grad_sigma ? grad_sigma->const_data_ptr<Acc>()[0] : Acc(0);
+    const Acc coef = outer_coefficient(gw, sig, grad_sig);
     const Acc inv = Acc(1) / sig;
     // Pass 2: dW = G / sigma - coef u v^T, segment (a, i) by segment.
     at::parallel_for(0, s.outer * s.rows, grain_for(s.inner), [&](int64_t begin, int64_t end) {
-      leaves.grad_segments(gp, up, vp, s, begin, end, inv, coef, op);
+      run_leaf([&] { grad_segments<T, Acc>(gp, up, vp, s, begin, end, inv, coef, op); });
     });
   });
   return out;
 }
-
-// Emulates the CUDA launches of spectral_norm_cuda.cu block by block and thread by thread.
-template <typename Acc>
-Acc emulate_block_sum(std::vector<Acc>& values) {
-  return emulate_block_reduce(values.data(), kThreads, Plus{});
-}
-
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_check_impl(
-    const at::Tensor& w, const at::Tensor& u_in, const at::Tensor& v_in, const at::Tensor& g, MatrixShape s,
-    double eps) {
-  using Acc = acc_t<T>;
-  const int64_t n = s.numel();
-  const int64_t cols = s.cols();
-  at::Tensor visits = at::zeros({4, n}, at::TensorOptions().dtype(c10::kInt));
-  int32_t* row_visits = visits.data_ptr<int32_t>();
-  int32_t* col_visits = row_visits + n;
-  int32_t* scale_visits = col_visits + n;
-  int32_t* dot_visits = scale_visits + n;
-  at::Tensor u = u_in.clone();
-  at::Tensor v = v_in.clone();
-  const T* wp = w.const_data_ptr<T>();
-  const T* gp = g.const_data_ptr<T>();
-  T* up = u.data_ptr<T>();
-  T* vp = v.data_ptr<T>();
-  std::vector<Acc> block(kThreads);
-
-  // row_dot_kernel: block i per row; then the one-block normalising kernel.
-  std::vector<Acc> t(s.rows);
-  for (int64_t i = 0; i < s.rows; ++i) {
-    for (int tid = 0; tid < kThreads; ++tid) {
-      block[tid] = row_dot_thread<T, Acc>(wp, vp, s, i, tid, kThreads);
-      for_each_row_element(s, tid, kThreads, [&](int64_t j) { ++row_visits[s.offset(i, j)]; });
-    }
-    t[i] = emulate_block_sum(block);
-  }
-  for (int tid = 0; tid < kThreads; ++tid) block[tid] = sum_sq_thread(t.data(), s.rows, tid, kThreads);
-  const Acc u_denom = clamped_norm(emulate_block_sum(block), eps);
-  for (int64_t i = 0; i < s.rows; ++i) up[i] = static_cast<T>(t[i] / u_denom);
-
-  // col_partial_kernel over (column block, row chunk); then the one-block finishing kernel.
-  const int64_t n_row_chunks = row_chunks(s.rows);
-  std::vector<Acc> partials(n_row_chunks * cols);
-  for (int64_t bx = 0; bx < ceil_div(cols, kThreads); ++bx) {
-    for (int64_t r = 0; r < n_row_chunks; ++r) {
-      for (int tid = 0; tid < kThreads; ++tid) {
-        const int64_t j = bx * kThreads + tid;
-        if (j >= cols) continue;
-        partials[r * cols + j] = col_partial_thread<T, Acc>(wp, up, s, j, r);
-        for_each_chunk_row(s, r, [&](int64_t i) { ++col_visits[s.offset(i, j)]; });
-      }
-    }
-  }
-  for (int tid = 0; tid < kThreads; ++tid) {
-    for (int64_t j = tid; j < cols; j += kThreads) {
-      partials[j] = combine_col_partials(partials.data(), cols, n_row_chunks, j);
-    }
-    block[tid] = sum_sq_thread(partials.data(), cols, tid, kThreads);
-  }
-  const Acc ss = emulate_block_sum(block);
-  const Acc v_denom = clamped_norm(ss, eps);
-  for (int64_t j = 0; j < cols; ++j) vp[j] = static_cast<T>(partials[j] / v_denom);
-  const Acc sigma = sigma_from_sum_sq(ss, eps);
-
-  // scale_kernel and the backward's grad_dot / finish / grad_weight kernels: chunk per block.
-  const int64_t n_chunks = ceil_div(n, kChunkSize);
-  at::Tensor scaled = at::empty_like(w);
-  at::Tensor grad_w = at::empty_like(w);
-  T* sp = scaled.data_ptr<T>();
-  T* dp = grad_w.data_ptr<T>();
-  const Acc inv = Acc(1) / sigma;
-  std::vector<Acc> chunk_partials(n_chunks);
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    for (int tid = 0; tid < kThreads; ++tid) {
-      for_each_chunk_element(n, c, tid, kThreads, [&](int64_t k) {
-        sp[k] = static_cast<T>(Acc(wp[k]) * inv);
-        ++scale_visits[k];
-      });
-      block[tid] = grad_dot_thread<T, Acc>(gp, wp, n, c, tid, kThreads);
-      for_each_chunk_element(n, c, tid, kThreads, [&](int64_t k) { ++dot_visits[k]; });
-    }
-    chunk_partials[c] = emulate_block_sum(block);
-  }
-  for (int tid = 0; tid < kThreads; ++tid) block[tid] = sum_thread(chunk_partials.data(), n_chunks, tid, kThreads);
-  const Acc coef = outer_coefficient(emulate_block_sum(block), sigma, Acc(0));
-  for (int64_t k = 0; k < n; ++k) dp[k] = grad_weight_element<T, Acc>(gp, up, vp, s, k, inv, coef);
-
-  at::Tensor sigma_out = at::empty({}, w.options().dtype(sigma_dtype(w.scalar_type())));
-  sigma_out.data_ptr<Acc>()[0] = sigma;
-  return {visits, u, v, sigma_out, scaled, grad_w};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_launch_check(
-    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, const at::Tensor& grad, int64_t dim,
-    double eps) {
-  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  TORCH_CHECK(grad.sizes() == weight.sizes() && grad.scalar_type() == weight.scalar_type(),
-              "grad must match weight's shape and dtype");
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  GANOPS_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spectral_norm_launch_check", [&] {
-    out = launch_check_impl<scalar_t>(weight.contiguous(), u.contiguous(), v.contiguous(), grad.contiguous(), s,
-                                      eps);
-  });
-  return out;
-}
+GANOPS_KERNEL(CPU, "spectral_norm_backward", spectral_norm_backward_cpu)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CPU, m) {
-  m.impl("spectral_norm_forward_", &spectral_norm_forward_cpu);
-  m.impl("spectral_norm_backward", &spectral_norm_backward_cpu);
-  m.impl("_spectral_norm_cuda_launch_check", &cuda_launch_check);
-}
 
 }  // namespace ganops::spectral_norm

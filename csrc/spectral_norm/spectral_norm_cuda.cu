@@ -12,32 +12,26 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/registration.h>
 
 #include "spectral_norm/spectral_norm.h"
 
 namespace ganops::spectral_norm {
 namespace {
 
-// A sum over the block (ganops/block.h's tree order).
-template <typename Acc>
-__device__ Acc block_sum(Acc value) {
-  return block_reduce<kThreads>(value, Plus{});
-}
-
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) row_dot_kernel(const T* w, const T* x, MatrixShape s, Acc* t) {
   const int64_t i = blockIdx.x;
-  const Acc sum = block_sum(row_dot_thread<T, Acc>(w, x, s, i, threadIdx.x, kThreads));
+  const Acc sum = block_sum<kThreads>(row_dot_thread<T, Acc>(w, x, s, i, threadIdx.x, kThreads));
   if (threadIdx.x == 0) t[i] = sum;
 }
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) normalize_rows_kernel(const Acc* t, int64_t rows, double eps, T* u) {
-  const Acc denom = clamped_norm(block_sum(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
+  const Acc denom = clamped_norm(block_sum<kThreads>(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
   for (int64_t i = threadIdx.x; i < rows; i += kThreads) u[i] = static_cast<T>(t[i] / denom);
 }
 
@@ -56,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     partials[j] = combine_col_partials(partials, cols, n_row_chunks, j);
   }
-  const Acc ss = block_sum(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
+  const Acc ss = block_sum<kThreads>(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
   const Acc denom = clamped_norm(ss, eps);
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) v[j] = static_cast<T>(partials[j] / denom);
   if (threadIdx.x == 0) *sigma = sigma_from_sum_sq(ss, eps);
@@ -64,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) eval_sigma_kernel(const T* u, const Acc* t, int64_t rows, Acc* sigma) {
-  const Acc dot = block_sum(dot_thread(u, t, rows, threadIdx.x, kThreads));
+  const Acc dot = block_sum<kThreads>(dot_thread(u, t, rows, threadIdx.x, kThreads));
   if (threadIdx.x == 0) *sigma = dot;
 }
 
@@ -77,14 +71,14 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* w, int64_t num
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) grad_dot_kernel(const T* g, const T* w, int64_t numel, Acc* partials) {
-  const Acc sum = block_sum(grad_dot_thread<T, Acc>(g, w, numel, blockIdx.x, threadIdx.x, kThreads));
+  const Acc sum = block_sum<kThreads>(grad_dot_thread<T, Acc>(g, w, numel, blockIdx.x, threadIdx.x, kThreads));
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
     grad_finish_kernel(const Acc* partials, int64_t n_chunks, const Acc* sigma, const Acc* grad_sigma, Acc* coef) {
-  const Acc dot = block_sum(sum_thread(partials, n_chunks, threadIdx.x, kThreads));
+  const Acc dot = block_sum<kThreads>(sum_thread(partials, n_chunks, threadIdx.x, kThreads));
   if (threadIdx.x == 0) *coef = outer_coefficient(dot, *sigma, grad_sigma != nullptr ? *grad_sigma : Acc(0));
 }
 
@@ -101,25 +95,22 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cuda(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
-  const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
+  ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
+  const MatrixShape s = in.s;
   TORCH_CHECK(row_chunks(s.rows) <= 65535, "spectral_norm (CUDA): size(dim) must be at most ",
               65535 * kRowsPerChunk, ", got ", s.rows);
   c10::cuda::CUDAGuard guard(weight.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = weight.contiguous();
-  at::Tensor uc = u.contiguous();
-  at::Tensor vc = v.contiguous();
-  const auto acc_opts = w.options().dtype(sigma_dtype(w.scalar_type()));
+  const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
   at::Tensor sigma = at::empty({}, acc_opts);
   at::Tensor t = at::empty({s.rows}, acc_opts);
-  at::Tensor out = at::empty_like(w);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_forward_cuda", [&] {
+  at::Tensor out = at::empty_like(in.w);
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
-    const T* wp = w.const_data_ptr<T>();
-    T* up = uc.data_ptr<T>();
-    T* vp = vc.data_ptr<T>();
+    const T* wp = in.w.const_data_ptr<T>();
+    T* up = in.u.data_ptr<T>();
+    T* vp = in.v.data_ptr<T>();
     Acc* tp = t.data_ptr<Acc>();
     Acc* sp = sigma.data_ptr<Acc>();
     if (n_power_iterations == 0) {
@@ -146,41 +137,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
                                                                                  out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return forward_result(u, uc, v, vc, out, sigma);
+  return forward_result(u, in.u, v, in.v, out, sigma);
 }
+GANOPS_KERNEL(CUDA, "spectral_norm_forward_", spectral_norm_forward_cuda)
 
 at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
                                              const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
                                              const at::Tensor& sigma, int64_t dim) {
-  const MatrixShape s = check_backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
-  const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
+  const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
+  const MatrixShape s = in.s;
   c10::cuda::CUDAGuard guard(weight.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor vc = v.contiguous();
-  at::Tensor out = at::empty_like(w);
-  const int64_t n = w.numel();
+  at::Tensor out = at::empty_like(in.w);
+  const int64_t n = in.w.numel();
   const int64_t n_chunks = ceil_div(n, kChunkSize);
-  const auto acc_opts = w.options().dtype(sigma_dtype(w.scalar_type()));
+  const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
   at::Tensor partials = at::empty({n_chunks + 1}, acc_opts);
-  GANOPS_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spectral_norm_backward_cuda", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
     Acc* pp = partials.data_ptr<Acc>();
     Acc* coef = pp + n_chunks;
-    grad_dot_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(g.const_data_ptr<T>(), w.const_data_ptr<T>(), n, pp);
+    grad_dot_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(in.g.const_data_ptr<T>(), in.w.const_data_ptr<T>(), n,
+                                                                pp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_finish_kernel<Acc><<<1, kThreads, 0, stream>>>(
-        pp, n_chunks, sigma.const_data_ptr<Acc>(), has_grad_sigma ? grad_sigma->const_data_ptr<Acc>() : nullptr,
+        pp, n_chunks, sigma.const_data_ptr<Acc>(), in.has_grad_sigma ? grad_sigma->const_data_ptr<Acc>() : nullptr,
         coef);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto launch = [&](auto index_type) {
       using Index = decltype(index_type);
       grad_weight_kernel<T, Acc, Index><<<n_chunks, kThreads, 0, stream>>>(
-          g.const_data_ptr<T>(), uc.const_data_ptr<T>(), vc.const_data_ptr<T>(), s, sigma.const_data_ptr<Acc>(),
-          coef, out.data_ptr<T>());
+          in.g.const_data_ptr<T>(), in.u.const_data_ptr<T>(), in.v.const_data_ptr<T>(), s,
+          sigma.const_data_ptr<Acc>(), coef, out.data_ptr<T>());
     };
     if (n <= int64_t(UINT32_MAX)) {
       launch(uint32_t{});
@@ -191,12 +180,8 @@ at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::option
   });
   return out;
 }
+GANOPS_KERNEL(CUDA, "spectral_norm_backward", spectral_norm_backward_cuda)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("spectral_norm_forward_", &spectral_norm_forward_cuda);
-  m.impl("spectral_norm_backward", &spectral_norm_backward_cuda);
-}
 
 }  // namespace ganops::spectral_norm

@@ -99,11 +99,21 @@ def matrix_size(weight: torch.Tensor, dim: int) -> tuple[int, int]:
 # The reference (the `torch` backend): torch.nn.utils.parametrizations.spectral_norm's math
 # ---------------------------------------------------------------------------------------
 
+def _dim_first(ndim: int, dim: int) -> list[int]:
+    return [dim] + [d for d in range(ndim) if d != dim]
+
+
 def as_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """weight.permute(dim, ...).flatten(1), as torch's parametrization builds it."""
     if dim != 0:
-        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
+        weight = weight.permute(_dim_first(weight.dim(), dim))
     return weight.flatten(1)
+
+
+def from_matrix(mat: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """The inverse of as_matrix: the (rows, cols) matrix back in a weight of ``shape``."""
+    order = _dim_first(len(shape), dim)
+    return mat.reshape([shape[d] for d in order]).permute([order.index(d) for d in range(len(shape))])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,17 +161,15 @@ def spectral_norm_forward_reference(weight, u, v, dim: int, n_power_iterations: 
 
 
 def spectral_norm_backward_reference(grad, grad_sigma, weight, u, v, sigma, dim: int) -> torch.Tensor:
-    """dW = (G - <G, W> / sigma^2 u v^T ... ) written out: G / sigma - (<G, W> / sigma^2 -
-    grad_sigma) u v^T, in sigma's dtype, on the matrix view and back to the weight's layout."""
+    """The backward op in torch ops: dW = G / sigma - (<G, W> / sigma^2 - grad_sigma) u v^T, in
+    sigma's dtype, on the matrix view and back to the weight's layout."""
     acc = sigma.dtype
     g = as_matrix(grad.to(acc), dim)
     coef = (g * as_matrix(weight.to(acc), dim)).sum() / (sigma * sigma)
     if grad_sigma is not None:
         coef = coef - grad_sigma
     d = g / sigma - coef * torch.outer(u.to(acc), v.to(acc))
-    order = [dim] + [k for k in range(weight.dim()) if k != dim]
-    d = d.reshape([weight.shape[k] for k in order]).permute([order.index(k) for k in range(weight.dim())])
-    return d.to(weight.dtype).contiguous()
+    return from_matrix(d, weight.shape, dim).to(weight.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------

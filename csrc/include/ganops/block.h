@@ -1,6 +1,7 @@
 // What a thread of a CUDA block does, shared by every op's kernels and by the CPU launch
-// checks that replay them: the elements a thread visits, and the block-wide tree reduction
-// (one order, written once, so a CPU test follows the kernel's arithmetic exactly).
+// checks that replay them (launch_emulation.h): the elements a thread visits, and the
+// block-wide tree reduction (one order, written once, so a CPU test follows the kernel's
+// arithmetic exactly).
 #pragma once
 
 #include <ganops/common.h>
@@ -14,26 +15,17 @@ GANOPS_HD void for_each_thread_element(int64_t chunk_len, int tid, int nthreads,
   for (int64_t i = tid; i < chunk_len; i += nthreads) f(i);
 }
 
-// The reduction's step: thread t < stride combines in thread t + stride's value.
-
+// Addition as a function object: the combine of every sum.
 struct Plus {
   template <typename T>
   GANOPS_HD T operator()(T a, T b) const { return a + b; }
 };
 
-// The reduction's step: thread t < stride combines in thread t + stride's value.
+// The reduction's step: thread t < stride combines in thread t + stride's value. The CUDA
+// block_reduce below and its CPU emulation (launch_emulation.h) both take these steps.
 template <typename Acc, typename Combine>
 GANOPS_HD void tree_reduce_step(Acc* values, int tid, int stride, Combine combine) {
   if (tid < stride) values[tid] = combine(values[tid], values[tid + stride]);
-}
-
-// The CPU emulation: every thread's step, stride by stride; returns thread 0's value.
-template <typename Acc, typename Combine>
-inline Acc emulate_block_reduce(Acc* values, int n_threads, Combine combine) {
-  for (int stride = n_threads / 2; stride > 0; stride /= 2) {
-    for (int tid = 0; tid < n_threads; ++tid) tree_reduce_step(values, tid, stride, combine);
-  }
-  return values[0];
 }
 
 #if defined(__CUDACC__)
@@ -51,6 +43,12 @@ __device__ Acc block_reduce(Acc value, Combine combine) {
   // The shared array may be reused by the next reduction in the same kernel.
   __syncthreads();
   return out;
+}
+
+// The sum over a block of kThreads.
+template <int kThreads, typename Acc>
+__device__ Acc block_sum(Acc value) {
+  return block_reduce<kThreads>(value, Plus{});
 }
 #endif
 

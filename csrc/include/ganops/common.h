@@ -1,4 +1,6 @@
-// Shared by every op: host/device qualifiers, accumulation types and input checks.
+// Shared by every op: host/device qualifiers, the accumulation type (for kernels and for the
+// host code that allocates their buffers) and small arithmetic helpers. Input checks are in
+// checks.h.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +12,7 @@
 #define GANOPS_HD inline
 #endif
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -20,6 +23,11 @@ template <typename T> struct AccType { using type = T; };
 template <> struct AccType<c10::Half> { using type = float; };
 template <> struct AccType<c10::BFloat16> { using type = float; };
 template <typename T> using acc_t = typename AccType<T>::type;
+
+// acc_t on the host, for a dtype: float64 stays float64, every other float accumulates in
+// float32. Partial sums, sigma and sumsq are allocated in it, so their bytes are the Acc the
+// kernels write.
+inline c10::ScalarType acc_dtype(c10::ScalarType t) { return t == c10::kDouble ? c10::kDouble : c10::kFloat; }
 
 // Ceil division for 64-bit sizes.
 GANOPS_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

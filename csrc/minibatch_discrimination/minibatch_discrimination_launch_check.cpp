@@ -1,0 +1,60 @@
+// The CUDA launch of minibatch_discrimination_cuda.cu runs on the CPU, block by block and
+// thread by thread (ganops/launch_emulation.h), with the same row mapping and per-thread
+// functions, for the forward, the backward and the double backward: a test op for CPU tensors.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+
+#include <ganops/dispatch.h>
+#include <ganops/launch_emulation.h>
+
+#include <tuple>
+
+#include "minibatch_discrimination/minibatch_discrimination.h"
+
+namespace ganops::minibatch_discrimination {
+namespace {
+
+using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LaunchCheck cuda_launch_check(const at::Tensor& M_in, const at::Tensor& grad_in, const at::Tensor& h_in,
+                              bool exclude_self) {
+  check_M(M_in, c10::DeviceType::CPU);
+  const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
+  check_like(grad_in, "grad", M_in, {N, B});
+  check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
+  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
+  const Coverage rows({N, B});
+  const auto acc_opts = M.options().dtype(acc_dtype(M.scalar_type()));
+  at::Tensor o = at::zeros({N, B}, acc_opts), dM = at::zeros({N, B, C}, acc_opts);
+  at::Tensor dg = at::zeros({N, B}, acc_opts), dM2 = at::zeros({N, B, C}, acc_opts);
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_launch_check", [&] {
+    using Acc = acc_t<scalar_t>;
+    const scalar_t* m = M.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    for (int64_t block = 0; block < num_blocks(N, B); ++block) {
+      for (int tid = 0; tid < kThreads; ++tid) {
+        const RowIndex r = thread_row(block, tid, N, B);
+        if (!r.valid) continue;
+        const int64_t row = r.i * B + r.b;
+        rows.visit(row);
+        o.data_ptr<Acc>()[row] = similarity_row<scalar_t, Acc>(m, N, B, C, r.i, r.b, exclude_self);
+        similarity_backward_row<scalar_t, Acc>(g, m, N, B, C, r.i, r.b, dM.data_ptr<Acc>() + row * C);
+        dg.data_ptr<Acc>()[row] = similarity_double_backward_row<scalar_t, Acc>(
+            h.const_data_ptr<scalar_t>(), g, m, N, B, C, r.i, r.b, dM2.data_ptr<Acc>() + row * C);
+      }
+    }
+  });
+  const auto dtype = M.scalar_type();
+  return {rows.counts(), o.to(dtype), dM.to(dtype), dg.to(dtype), dM2.to(dtype)};
+}
+
+// Runs the CUDA kernels' per-thread functions for every block and thread of the launch the
+// CUDA host code would choose. Returns (times each (i, b) row was visited, o, dM, then the
+// double backward's d/d grad and d/d M).
+GANOPS_LAUNCH_CHECK_OP("_minibatch_similarity_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, "
+                       "bool exclude_self) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                       cuda_launch_check)
+
+}  // namespace
+
+}  // namespace ganops::minibatch_discrimination
