@@ -19,11 +19,13 @@ from ._common import acc_dtype as _acc_torch
 from ._common import acc_tl as _acc
 from ._common import div_rn, join_float, on_device, split_float, sqrt_rn
 
-# Must match kChunkSize, kThreads and kOutputChunk in csrc/minibatch_stddev/minibatch_stddev.h:
-# the same work split (a lane of BLOCK per CUDA thread).
-CHUNK_SIZE = 2048
+# The work split the CUDA kernels share (setup.py passes it to csrc/minibatch_stddev/
+# minibatch_stddev.h): columns per (j, f, chunk) program, output elements per output program.
+WORK_SPLIT = {"CHUNK_SIZE": 2048, "OUTPUT_CHUNK": 4096}
+CHUNK_SIZE = WORK_SPLIT["CHUNK_SIZE"]
+OUTPUT_BLOCK = WORK_SPLIT["OUTPUT_CHUNK"]
+# Lanes per program, one per CUDA thread of a block (kThreads).
 BLOCK = 256
-OUTPUT_BLOCK = 4096
 FINISH_BLOCK = 256
 # StyleGAN2's epsilon under the square root, as float32 pieces that join_float makes exact in
 # float64 (a Python float reaches a kernel as a float32: 1e-8 would be off by 6e-17).

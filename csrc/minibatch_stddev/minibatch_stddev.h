@@ -28,13 +28,16 @@
 
 namespace ganops::minibatch_stddev {
 
-// 2048 columns per chunk: 8 per thread at 256 threads. (64, 512, 4, 4) with G = 4 (StyleGAN's
-// last critic block) splits into 64 tasks and (32, 256, 8, 8) into 64: enough for every CPU
-// core, and a block per SM-quarter on a GPU for these small tensors.
-constexpr int64_t kChunkSize = 2048;
 constexpr int kThreads = 256;
-// Output elements per block of the CUDA output kernel: 16 per thread.
-constexpr int64_t kOutputChunk = 4096;
+// Columns per chunk, 2048: 8 per thread at kThreads. (64, 512, 4, 4) with G = 4 (StyleGAN's
+// last critic block) splits into 64 tasks and (32, 256, 8, 8) into 64: enough for every CPU
+// core. Output elements per block of the CUDA output kernel, 4096: 16 per thread. Written
+// once, as WORK_SPLIT in triton_kernels/minibatch_stddev.py; setup.py passes them in.
+#if !defined(GANOPS_MINIBATCH_STDDEV_CHUNK_SIZE) || !defined(GANOPS_MINIBATCH_STDDEV_OUTPUT_CHUNK)
+#error "GANOPS_MINIBATCH_STDDEV_{CHUNK_SIZE,OUTPUT_CHUNK} undefined: setup.py reads them from triton_kernels/minibatch_stddev.py"
+#endif
+constexpr int64_t kChunkSize = GANOPS_MINIBATCH_STDDEV_CHUNK_SIZE;
+constexpr int64_t kOutputChunk = GANOPS_MINIBATCH_STDDEV_OUTPUT_CHUNK;
 // StyleGAN2's epsilon under the square root.
 constexpr double kEpsilon = 1e-8;
 
