@@ -8,16 +8,22 @@
 //
 // Columns are taken kTile at a time, with the loops over a tile innermost so they vectorise;
 // every column's μ and σ are computed in column_stats' order, so a tile's values are the
-// ones the CUDA kernels' per-column functions give.
+// ones the CUDA kernels' per-column functions give. On x86-64 the tasks are also compiled for
+// AVX2 and AVX-512 and picked at run time (ganops/isa.h), every version with the same
+// separately rounded operations (no FMA contraction), so they give the same bits.
+
+// Before the includes, so that isa.h's entry points are compiled under it too.
+#pragma GCC optimize("fp-contract=off")
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/isa.h>
+#include <ganops/registration.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,13 +43,15 @@ constexpr int64_t kMinElementsPerThread = 32768;
 // Columns per tile: 32 float32 lanes are two AVX-512 or four AVX2 vectors per loop.
 constexpr int kTile = 32;
 
-// Runs task(b) for b in [0, n), in parallel, at least `per_thread` elements of work per thread
-// given `per_task` per task.
+// Runs task(b) for b in [0, n), in parallel, compiled for the best ISA this CPU has;
+// `per_task` elements of work per task set how many tasks a thread takes at the least.
 template <typename F>
 void for_each_task(int64_t n, int64_t per_task, F&& task) {
   const int64_t grain = ceil_div(kMinElementsPerThread, std::max<int64_t>(per_task, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) task(b);
+    run_for_best_isa<Isa::kAvx512, Isa::kAvx2>([&] {
+      for (int64_t b = begin; b < end; ++b) task(b);
+    });
   });
 }
 
@@ -136,6 +144,7 @@ at::Tensor minibatch_stddev_cpu(const at::Tensor& x, int64_t group_size, int64_t
   });
   return out;
 }
+GANOPS_KERNEL(CPU, "minibatch_stddev", minibatch_stddev_cpu)
 
 at::Tensor minibatch_stddev_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t group_size,
                                          int64_t num_channels) {
@@ -190,12 +199,8 @@ at::Tensor minibatch_stddev_backward_cpu(const at::Tensor& grad, const at::Tenso
   });
   return grad_x;
 }
+GANOPS_KERNEL(CPU, "minibatch_stddev_backward", minibatch_stddev_backward_cpu)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CPU, m) {
-  m.impl("minibatch_stddev", &minibatch_stddev_cpu);
-  m.impl("minibatch_stddev_backward", &minibatch_stddev_backward_cpu);
-}
 
 }  // namespace ganops::minibatch_stddev

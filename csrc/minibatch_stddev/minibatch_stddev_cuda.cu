@@ -13,10 +13,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/registration.h>
 
 #include <limits>
 
@@ -59,8 +59,6 @@ __global__ void __launch_bounds__(kThreads)
   backward_thread(grad, x, k, grad_x, l, blockIdx.x, threadIdx.x, kThreads, [](int64_t) {});
 }
 
-c10::ScalarType acc_dtype(c10::ScalarType t) { return t == c10::kDouble ? c10::kDouble : c10::kFloat; }
-
 unsigned int grid(int64_t blocks) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "minibatch_stddev: input too large (", blocks,
               " blocks)");
@@ -91,6 +89,7 @@ at::Tensor minibatch_stddev_cuda(const at::Tensor& x, int64_t group_size, int64_
   });
   return out;
 }
+GANOPS_KERNEL(CUDA, "minibatch_stddev", minibatch_stddev_cuda)
 
 at::Tensor minibatch_stddev_backward_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t group_size,
                                           int64_t num_channels) {
@@ -113,12 +112,8 @@ at::Tensor minibatch_stddev_backward_cuda(const at::Tensor& grad, const at::Tens
   });
   return grad_x;
 }
+GANOPS_KERNEL(CUDA, "minibatch_stddev_backward", minibatch_stddev_backward_cuda)
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ganops, CUDA, m) {
-  m.impl("minibatch_stddev", &minibatch_stddev_cuda);
-  m.impl("minibatch_stddev_backward", &minibatch_stddev_backward_cuda);
-}
 
 }  // namespace ganops::minibatch_stddev

@@ -1,15 +1,13 @@
 // The CUDA launches of minibatch_stddev_cuda.cu run on the CPU, block by block and thread by
-// thread, with the grids the CUDA host code chooses and the per-thread functions of
-// minibatch_stddev.h: the forward's stats, finish and output kernels, and the backward's
-// stat-gradient and backward kernels. A test op for CPU tensors.
+// thread (ganops/launch_emulation.h), with the grids the CUDA host code chooses and the
+// per-thread functions of minibatch_stddev.h: the forward's stats, finish and output kernels,
+// and the backward's stat-gradient and backward kernels. A test op for CPU tensors.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
-#include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/launch_emulation.h>
 
 #include <tuple>
 #include <vector>
@@ -21,17 +19,6 @@ namespace {
 
 using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Visit counts, one int32 per element.
-at::Tensor visit_counts(int64_t numel) { return at::zeros({numel}, at::TensorOptions().dtype(c10::kInt)); }
-
-// One block of kThreads: thread_value(tid) for every thread in order, combined in block_reduce's tree.
-template <typename Acc, typename ThreadValue>
-Acc emulate_block(ThreadValue&& thread_value) {
-  std::vector<Acc> values(kThreads);
-  for (int tid = 0; tid < kThreads; ++tid) values[tid] = thread_value(tid);
-  return emulate_block_reduce(values.data(), kThreads, Plus{});
-}
-
 template <typename T>
 LaunchCheck launch_check_impl(const at::Tensor& x, const at::Tensor& grad, const Layout& l) {
   using Acc = acc_t<T>;
@@ -39,12 +26,12 @@ LaunchCheck launch_check_impl(const at::Tensor& x, const at::Tensor& grad, const
   const T* gp = grad.const_data_ptr<T>();
 
   // stats_kernel: a block per (j, f, chunk).
-  at::Tensor stats_visits = visit_counts(x.numel());
-  int32_t* sv = stats_visits.data_ptr<int32_t>();
+  const Coverage stats_visits({x.numel()});
+  const auto visit_x = [&](int64_t k) { stats_visits.visit(k); };
   std::vector<Acc> partials(l.tasks());
   for (int64_t b = 0; b < l.tasks(); ++b) {
-    partials[b] = emulate_block<Acc>(
-        [&](int tid) { return stats_thread_sum<Acc>(xp, l, b, tid, kThreads, [&](int64_t k) { ++sv[k]; }); });
+    partials[b] = emulate_block<kThreads, Acc>(
+        [&](int tid) { return stats_thread_sum<Acc>(xp, l, b, tid, kThreads, visit_x); });
   }
   // finish_kernel: a thread per (j, f).
   std::vector<Acc> stat(l.stats());
@@ -52,55 +39,51 @@ LaunchCheck launch_check_impl(const at::Tensor& x, const at::Tensor& grad, const
   // output_kernel: a block per kOutputChunk output elements.
   at::Tensor out = at::empty({l.samples(), x.size(1) + l.F, x.size(2), x.size(3)}, x.options());
   const int64_t total = out.numel();
-  at::Tensor out_visits = visit_counts(total);
-  int32_t* ov = out_visits.data_ptr<int32_t>();
+  const Coverage out_visits({total});
   for (int64_t b = 0; b < ceil_div(total, kOutputChunk); ++b) {
     for (int tid = 0; tid < kThreads; ++tid) {
-      output_thread(xp, stat.data(), out.data_ptr<T>(), l, total, b, tid, kThreads, [&](int64_t k) { ++ov[k]; });
+      output_thread(xp, stat.data(), out.data_ptr<T>(), l, total, b, tid, kThreads,
+                    [&](int64_t k) { out_visits.visit(k); });
     }
   }
 
   // stat_grad_kernel: a block per (j, f).
-  at::Tensor grad_visits = visit_counts(grad.numel());
-  int32_t* gv = grad_visits.data_ptr<int32_t>();
+  const Coverage grad_visits({grad.numel()});
+  const auto visit_grad = [&](int64_t i) { grad_visits.visit(i); };
   std::vector<Acc> k(l.stats());
   for (int64_t jf = 0; jf < l.stats(); ++jf) {
-    const Acc sum = emulate_block<Acc>(
-        [&](int tid) { return stat_grad_thread_sum<Acc>(gp, l, jf, tid, kThreads, [&](int64_t i) { ++gv[i]; }); });
+    const Acc sum = emulate_block<kThreads, Acc>(
+        [&](int tid) { return stat_grad_thread_sum<Acc>(gp, l, jf, tid, kThreads, visit_grad); });
     k[jf] = stat_grad_coefficient(sum, l.L);
   }
   // backward_kernel: the forward's split.
   at::Tensor grad_x = at::empty_like(x);
-  at::Tensor backward_visits = visit_counts(x.numel());
-  int32_t* bv = backward_visits.data_ptr<int32_t>();
+  const Coverage backward_visits({x.numel()});
   for (int64_t b = 0; b < l.tasks(); ++b) {
     for (int tid = 0; tid < kThreads; ++tid) {
-      backward_thread(gp, xp, k.data(), grad_x.data_ptr<T>(), l, b, tid, kThreads, [&](int64_t i) { ++bv[i]; });
+      backward_thread(gp, xp, k.data(), grad_x.data_ptr<T>(), l, b, tid, kThreads,
+                      [&](int64_t i) { backward_visits.visit(i); });
     }
   }
-  return {stats_visits, out_visits, out, grad_visits, backward_visits, grad_x};
+  return {stats_visits.counts(), out_visits.counts(), out, grad_visits.counts(), backward_visits.counts(), grad_x};
 }
 
 LaunchCheck cuda_launch_check(const at::Tensor& x, const at::Tensor& grad, int64_t group_size, int64_t num_channels) {
   const Layout l = check_input(x, group_size, num_channels, c10::DeviceType::CPU);
   check_grad(grad, x, num_channels);
-  LaunchCheck out;
-  GANOPS_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minibatch_stddev_launch_check", [&] {
-    out = launch_check_impl<scalar_t>(x.contiguous(), grad.contiguous(), l);
+  return GANOPS_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minibatch_stddev_launch_check", [&] {
+    return launch_check_impl<scalar_t>(x.contiguous(), grad.contiguous(), l);
   });
-  return out;
 }
+
+// Runs the CUDA kernels' per-thread functions for every block and thread of the launches the
+// CUDA host code would choose. Returns (times each element of x the stats kernel read, times
+// each output element was written, the output, times each element of grad the stat-gradient
+// kernel read, times each element of ∂x was written, ∂x); counts are flat.
+GANOPS_LAUNCH_CHECK_OP("_minibatch_stddev_cuda_launch_check(Tensor x, Tensor grad, int group_size, int num_channels) "
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+                       cuda_launch_check)
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(ganops, m) {
-  // Runs the CUDA kernels' per-thread functions for every block and thread of the launches
-  // the CUDA host code would choose. Returns (times each element of x the stats kernel read,
-  // times each output element was written, the output, times each element of grad the
-  // stat-gradient kernel read, times each element of ∂x was written, ∂x); counts are flat.
-  m.def("_minibatch_stddev_cuda_launch_check(Tensor x, Tensor grad, int group_size, int num_channels) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(cuda_launch_check)));
-}
 
 }  // namespace ganops::minibatch_stddev
