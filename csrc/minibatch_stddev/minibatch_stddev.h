@@ -34,7 +34,7 @@ constexpr int kThreads = 256;
 // core. Output elements per block of the CUDA output kernel, 4096: 16 per thread. Written
 // once, as WORK_SPLIT in triton_kernels/minibatch_stddev.py; setup.py passes them in.
 #if !defined(GANOPS_MINIBATCH_STDDEV_CHUNK_SIZE) || !defined(GANOPS_MINIBATCH_STDDEV_OUTPUT_CHUNK)
-#error "GANOPS_MINIBATCH_STDDEV_{CHUNK_SIZE,OUTPUT_CHUNK} undefined: setup.py reads them from triton_kernels/minibatch_stddev.py"
+#error "GANOPS_MINIBATCH_STDDEV_* undefined: setup.py reads them from triton_kernels/minibatch_stddev.py"
 #endif
 constexpr int64_t kChunkSize = GANOPS_MINIBATCH_STDDEV_CHUNK_SIZE;
 constexpr int64_t kOutputChunk = GANOPS_MINIBATCH_STDDEV_OUTPUT_CHUNK;

@@ -23,6 +23,7 @@
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
 #include <ganops/isa.h>
+#include <ganops/lanes.h>
 #include <ganops/registration.h>
 
 #include <algorithm>
@@ -157,13 +158,14 @@ at::Tensor minibatch_stddev_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    // k[jf] = Σ_{g, s} grad[g · M + j, C + f, s] / L, each sum in (g, s) order.
+    // k[jf] = Σ_g Σ_s grad[g · M + j, C + f, s] / L: each sample's H · W values in lanes,
+    // the samples in order.
     std::vector<Acc> k(l.stats());
     for_each_task(l.stats(), l.G * l.S, [&](int64_t jf) {
       Acc acc = Acc(0);
       for (int64_t g = 0; g < l.G; ++g) {
         const scalar_t* row = gp + l.stat_channel_index(g, jf, 0);
-        for (int64_t s = 0; s < l.S; ++s) acc += static_cast<Acc>(row[s]);
+        acc += lane_reduce<Acc>(l.S, [&](int64_t s) { return static_cast<Acc>(row[s]); }, Plus{});
       }
       k[jf] = stat_grad_coefficient(acc, l.L);
     });
