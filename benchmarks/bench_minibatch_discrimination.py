@@ -11,30 +11,21 @@ from __future__ import annotations
 import torch
 
 import ganops
-from benchmarks.harness import Case, Impl, Target
+from benchmarks.harness import Case, Impl, Target, fwd_bwd
 from ganops.ops.minibatch_discrimination import minibatch_similarity_reference
-
-
-def _fwd_bwd(fn, M, g):
-    def run():
-        x = M.detach().requires_grad_()
-        o = fn(x)
-        (dM,) = torch.autograd.grad(o, x, g)
-        return o.detach(), dM
-    return run
 
 
 def _case(N, B, C, device, targets=()):
     gen = torch.Generator().manual_seed(0)
     M = (torch.randn(N, B, C, generator=gen) * 0.4).to(device)
     g = torch.randn(N, B, generator=gen).to(device)
-    impls = [Impl(f"ganops {backend}", _fwd_bwd(lambda x, b=backend: ganops.minibatch_similarity(x, backend=b), M, g))
+    impls = [Impl(f"ganops {backend}", fwd_bwd(lambda x, b=backend: ganops.minibatch_similarity(x, backend=b), M, g))
              for backend in ganops.available_backends(device) if backend != "torch"]
     compiled = torch.compile(minibatch_similarity_reference, fullgraph=True)
-    impls.append(Impl("torch.compile(naive)", _fwd_bwd(compiled, M, g)))
+    impls.append(Impl("torch.compile(naive)", fwd_bwd(compiled, M, g)))
     # float32 sums of up to N terms of either sign: 2e-5 of the largest output.
     return Case(op="minibatch_discrimination", name=f"fwd+bwd N={N} B={B} C={C}, fp32", device=device,
-                reference=Impl("torch naive", _fwd_bwd(minibatch_similarity_reference, M, g)),
+                reference=Impl("torch naive", fwd_bwd(minibatch_similarity_reference, M, g)),
                 impls=impls, rtol=2e-5, atol=1e-6, targets=list(targets), measure_memory=True)
 
 

@@ -11,34 +11,17 @@ from __future__ import annotations
 import torch
 
 import ganops
-from benchmarks.harness import Case, Impl, Target
+from benchmarks.harness import Case, Impl, Target, fwd_bwd
+from ganops.ops.minibatch_stddev import minibatch_stddev_reference
 
 GROUP_SIZE = 4
 NUM_CHANNELS = 1
 
 
 def eager_mbstd(x: torch.Tensor) -> torch.Tensor:
-    """StyleGAN2's MinibatchStdLayer.forward (training/networks.py)."""
-    N, C, H, W = x.shape
-    G = min(GROUP_SIZE, N)
-    F = NUM_CHANNELS
-    y = x.reshape(G, -1, F, C // F, H, W)
-    y = y - y.mean(dim=0)
-    y = y.square().mean(dim=0)
-    y = (y + 1e-8).sqrt()
-    y = y.mean(dim=[2, 3, 4])
-    y = y.reshape(-1, F, 1, 1)
-    y = y.repeat(G, 1, H, W)
-    return torch.cat([x, y], dim=1)
-
-
-def _fwd_bwd(fn, x, g):
-    def run():
-        t = x.detach().requires_grad_()
-        out = fn(t)
-        (dx,) = torch.autograd.grad(out, t, g)
-        return out.detach(), dx
-    return run
+    """StyleGAN2's MinibatchStdLayer.forward, as its training/networks.py writes it (the hub's
+    reference, which computes fp32 inputs in fp32 with the same ops)."""
+    return minibatch_stddev_reference(x, min(GROUP_SIZE, x.shape[0]), NUM_CHANNELS)
 
 
 def _case(shape, device, targets=()):
@@ -47,14 +30,14 @@ def _case(shape, device, targets=()):
     n, c, h, w = shape
     g = torch.randn(n, c + NUM_CHANNELS, h, w, generator=gen).to(device)
     impls = [Impl(f"ganops {backend}",
-                  _fwd_bwd(lambda t, b=backend: ganops.minibatch_stddev(t, GROUP_SIZE, NUM_CHANNELS, backend=b), x, g))
+                  fwd_bwd(lambda t, b=backend: ganops.minibatch_stddev(t, GROUP_SIZE, NUM_CHANNELS, backend=b), x, g))
              for backend in ganops.available_backends(device) if backend != "torch"]
-    impls.append(Impl("torch.compile(eager)", _fwd_bwd(torch.compile(eager_mbstd, fullgraph=True), x, g)))
+    impls.append(Impl("torch.compile(eager)", fwd_bwd(torch.compile(eager_mbstd, fullgraph=True), x, g)))
     # An ideal implementation reads x and writes the output, then reads grad and x and
     # writes ∂x.
     bytes_moved = 3 * x.nbytes + 2 * g.nbytes
     return Case(op="minibatch_stddev", name=f"fwd+bwd {tuple(shape)} G={GROUP_SIZE}, fp32", device=device,
-                reference=Impl("eager", _fwd_bwd(eager_mbstd, x, g)), impls=impls, rtol=1e-5, atol=1e-6,
+                reference=Impl("eager", fwd_bwd(eager_mbstd, x, g)), impls=impls, rtol=1e-5, atol=1e-6,
                 targets=list(targets), measure_memory=True, bytes_moved=bytes_moved)
 
 

@@ -97,6 +97,16 @@ def max_error(out, ref) -> float:
     return worst
 
 
+def fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor) -> Callable:
+    """A timed call of fn's forward and its backward with ``grad``: returns (output, dx)."""
+    def run():
+        leaf = x.detach().requires_grad_()
+        out = fn(leaf)
+        (dx,) = torch.autograd.grad(out, leaf, grad)
+        return out.detach(), dx
+    return run
+
+
 def reference_outputs(case: Case) -> list[torch.Tensor]:
     """The reference's outputs, run once and kept (the reference may reuse its buffers)."""
     return [r.detach().clone() for r in _flatten(case.reference.outputs())]

@@ -112,6 +112,13 @@ def call(op: Op, backend: str | None, device: torch.device | str, *args, **refer
     return getattr(served_by, op.name)(*args)
 
 
+def differentiating(*tensors) -> bool:
+    """Whether autograd is recording the backward being run (create_graph=True through it, as
+    a gradient penalty's double backward does). A fused backward op has no derivative of its
+    own, so an op's ``backward`` then gives way to a differentiable reference backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _triton_twin(op: Op) -> Callable:
     """The Triton twin's implementation: checks the dtype of every tensor argument, as the C++
     ops do (a Triton kernel would reinterpret an integer tensor's bits), then calls the

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -60,17 +61,14 @@ void for_each_task(int64_t n, int64_t per_task, F&& task) {
 // std::sqrt scalar (it may set errno, and setup.py compiles without -fno-math-errno): scalar
 // square roots took two thirds of the stats pass; SSE2's take four floats or two doubles at a
 // time, with the same IEEE rounding.
-inline void tile_sqrt(float* v) {
+template <typename Acc>
+inline void tile_sqrt(Acc* v) {
 #if defined(__SSE2__)
-  for (int i = 0; i < kTile; i += 4) _mm_storeu_ps(v + i, _mm_sqrt_ps(_mm_loadu_ps(v + i)));
-#else
-  for (int i = 0; i < kTile; ++i) v[i] = std::sqrt(v[i]);
-#endif
-}
-
-inline void tile_sqrt(double* v) {
-#if defined(__SSE2__)
-  for (int i = 0; i < kTile; i += 2) _mm_storeu_pd(v + i, _mm_sqrt_pd(_mm_loadu_pd(v + i)));
+  if constexpr (std::is_same_v<Acc, float>) {
+    for (int i = 0; i < kTile; i += 4) _mm_storeu_ps(v + i, _mm_sqrt_ps(_mm_loadu_ps(v + i)));
+  } else {
+    for (int i = 0; i < kTile; i += 2) _mm_storeu_pd(v + i, _mm_sqrt_pd(_mm_loadu_pd(v + i)));
+  }
 #else
   for (int i = 0; i < kTile; ++i) v[i] = std::sqrt(v[i]);
 #endif

@@ -176,13 +176,6 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _differentiating_backward(*tensors) -> bool:
-    """Whether autograd records this backward (create_graph=True through it): then the fused
-    backward ops, which have no derivative of their own, give way to the differentiable
-    reference."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _interpolate_setup(ctx, inputs, output):
     real, fake, alpha = inputs
     need_alpha = ctx.needs_input_grad[2]
@@ -193,7 +186,7 @@ def _interpolate_setup(ctx, inputs, output):
 def _interpolate_backward(kernels, ctx, grad):
     real, fake, alpha = ctx.saved_tensors
     need_real, need_fake, need_alpha = ctx.needs_input_grad[:3]
-    if _differentiating_backward(grad, real, fake, alpha):
+    if _library.differentiating(grad, real, fake, alpha):
         backward = interpolate_backward_reference
     else:
         backward = kernels.interpolate_backward
@@ -254,7 +247,7 @@ def _penalty_setup(ctx, inputs, output):
 
 def _penalty_backward(kernels, ctx, grad_penalty, grad_sumsq):
     grads, sumsq, inv_scale = ctx.saved_tensors
-    backward = (gradient_norm_penalty_backward_reference if _differentiating_backward(grad_penalty, grads)
+    backward = (gradient_norm_penalty_backward_reference if _library.differentiating(grad_penalty, grads)
                 else kernels.gradient_norm_penalty_backward)
     return backward(grad_penalty, grads, sumsq, inv_scale, *ctx.args), None, None, None, None
 

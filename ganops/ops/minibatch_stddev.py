@@ -115,13 +115,6 @@ def minibatch_stddev_backward_reference(grad: torch.Tensor, x: torch.Tensor, gro
 # Registered ops
 # ---------------------------------------------------------------------------------------
 
-def _differentiating_backward(*tensors) -> bool:
-    """Whether autograd records this backward (create_graph=True through it): then the fused
-    backward op, which has no derivative of its own, gives way to the differentiable
-    reference."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _setup(ctx, inputs, output):
     x, group_size, num_channels = inputs
     ctx.save_for_backward(x)
@@ -130,7 +123,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(kernels, ctx, grad):
     (x,) = ctx.saved_tensors
-    backward = (minibatch_stddev_backward_reference if _differentiating_backward(grad, x)
+    backward = (minibatch_stddev_backward_reference if _library.differentiating(grad, x)
                 else kernels.minibatch_stddev_backward)
     return backward(grad, x, *ctx.args), None, None
 
