@@ -62,10 +62,12 @@ class Op:
     backward: Callable | None = None
     setup_context: Callable | None = None
     examples: Callable | None = None
+    arg_names: tuple[str, ...] = field(init=False)
     mutated_args: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         parsed = torch._C.parse_schema(f"ganops::{self.name}{self.schema}")
+        self.arg_names = tuple(a.name for a in parsed.arguments)
         self.mutated_args = tuple(a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write)
 
     def qualname(self, backend: str) -> str:
@@ -126,14 +128,13 @@ def _triton_twin(op: Op) -> Callable:
     triton costs a second, and only Triton calls need it). Tensor lists (the gradients of
     clipping) are checked by their launchers, which walk them anyway."""
     module, function = op.triton.rsplit(".", 1)
-    names = [a.name for a in torch._C.parse_schema(f"ganops::{op.name}{op.schema}").arguments]
 
     @functools.cache
     def launcher() -> Callable:
         return getattr(importlib.import_module(f"ganops.triton_kernels.{module}"), function)
 
     def launch(*args):
-        for name, value in zip(names, args):
+        for name, value in zip(op.arg_names, args):
             if isinstance(value, torch.Tensor) and value.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{op.qualname('triton')}: {name} has dtype {value.dtype}; the kernels take "
                                 f"float16, bfloat16, float32 or float64 tensors")

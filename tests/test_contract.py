@@ -56,8 +56,7 @@ def tensors_of(tree) -> list[torch.Tensor]:
 
 def mutated(op: _library.Op, args: tuple) -> list[torch.Tensor]:
     """The tensors ``op`` changes in place, from its schema's (a!) annotations."""
-    names = [a.name for a in torch._C.parse_schema(f"ganops::{op.name}{op.schema}").arguments]
-    return tensors_of([args[names.index(n)] for n in op.mutated_args])
+    return tensors_of([args[op.arg_names.index(n)] for n in op.mutated_args])
 
 
 def coarsest_dtype(args) -> torch.dtype:

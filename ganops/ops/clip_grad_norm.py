@@ -135,6 +135,10 @@ def multi_tensor_scale_reference_(tensors: list[torch.Tensor], total_norm: torch
     """Pure-PyTorch in-place scale by min(max_norm / (total_norm + 1e-6), 1). Like the
     kernels, it checks every tensor before it changes any."""
     _check_grads(tensors, "tensors")
+    _scale_checked_(tensors, total_norm, max_norm)
+
+
+def _scale_checked_(tensors: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for t in tensors:
         t.mul_(_to_device(coef, t.device))
@@ -168,7 +172,7 @@ def clip_grad_norm_reference_(grads: list[torch.Tensor], max_norm: float, norm_t
     """Pure-PyTorch clip of gradients on one device: the norm, then the scale; returns the norm."""
     _check_grads(grads, "parameters' gradients")
     total, _ = multi_tensor_norm_reference(grads, norm_type, False, foreach)
-    multi_tensor_scale_reference_(grads, total, max_norm)
+    _scale_checked_(grads, total, max_norm)  # checked once, above
     return total
 
 
