@@ -32,6 +32,7 @@ from ganops.ops.gradient_penalty import (
 )
 from ganops.ops.minibatch_discrimination import minibatch_similarity
 from ganops.ops.minibatch_stddev import minibatch_stddev
+from ganops.ops.scaled_dot_product_attention import scaled_dot_product_attention
 from ganops.ops.spectral_norm import spectral_normalize
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "minibatch_stddev",
     "nn",
     "r1_penalty",
+    "scaled_dot_product_attention",
     "set_backend",
     "spectral_norm",
     "spectral_normalize",
