@@ -95,9 +95,12 @@ def _check_gqa_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                            f"divide query's ({hq})")
 
 
-def _batch_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Size:
+def _batch_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> torch.Size:
+    """The broadcast batch shape; with enable_gqa, key's and value's heads count as query's."""
+    def batch(t):
+        return (*t.shape[:-3], query.shape[-3]) if enable_gqa else t.shape[:-2]
     try:
-        return torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        return torch.broadcast_shapes(query.shape[:-2], batch(key), batch(value))
     except RuntimeError:
         raise RuntimeError(f"the batch dimensions of query {tuple(query.shape[:-2])}, key {tuple(key.shape[:-2])} "
                            f"and value {tuple(value.shape[:-2])} do not broadcast") from None
@@ -424,7 +427,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     dropout_p, scale = _check_options(dropout_p, is_causal, scale, enable_gqa)
     if enable_gqa:
         _check_gqa_heads(query, key, value)
-    batch = _batch_shape(query, key, value)
+    batch = _batch_shape(query, key, value, enable_gqa)
     if attn_mask is not None:
         _check_mask(attn_mask, query, batch, key.shape[-2], is_causal)
     if scale is None:
