@@ -4,13 +4,16 @@
     python examples/train_gan.py --data digits --steps 3000 --out runs/digits
     python examples/train_gan.py --data ring8 --steps 300 --compare    # torch backend vs auto
     python examples/train_gan.py --data digits --mbstd                 # + minibatch stddev
+    python examples/train_gan.py --data digits --attention             # + self-attention
 
 The critic's layers are spectral-normalised (ganops.spectral_norm) and it ends in a
 minibatch-discrimination layer (ganops.nn.MinibatchDiscrimination) so it sees how diverse a
 batch is; with --mbstd the conv critic also has StyleGAN's minibatch standard deviation
-(ganops.nn.MinibatchStdDev) before its last convolution. Its loss is the Wasserstein
-estimate plus the gradient penalty on interpolated samples (ganops.gradient_penalty) or,
-with --penalty r1, R1 on the reals. Both networks' gradients are clipped by their global
+(ganops.nn.MinibatchStdDev) before its last convolution, and with --attention a
+self-attention block over its 4x4 feature map (ganops.nn.MultiheadAttention), which the
+penalties differentiate through twice. Its loss is the Wasserstein estimate plus the
+gradient penalty on interpolated samples (ganops.gradient_penalty) or, with --penalty r1,
+R1 on the reals. Both networks' gradients are clipped by their global
 norm (ganops.clip_grad_norm_), and every layer's gradient norm is recorded every step
 (ganops.grad_norm(..., per_tensor=True)) without a host synchronisation per parameter.
 Learning rates follow the two time-scale rule (the critic's larger than the generator's).
@@ -103,15 +106,34 @@ def mlp_pair(z_dim: int):
     return generator, critic
 
 
-def conv_pair(z_dim: int, mbstd: bool = False):
+class SelfAttention2d(nn.Module):
+    """Self-attention over the positions of a feature map, with a residual (SAGAN's block,
+    without its learned gate): (N, C, H, W) -> (N, C, H, W), each position a token of C
+    features. need_weights=False: the attention runs fused in ganops, R1's double backward
+    included."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        self.attention = ganops.nn.MultiheadAttention(channels, num_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return x + attended.transpose(1, 2).reshape(x.shape)
+
+
+def conv_pair(z_dim: int, mbstd: bool = False, attention: bool = False):
     """With ``mbstd``, StyleGAN's minibatch standard deviation (groups of 4, one channel)
-    before the last convolution, which then takes 32 + 1 channels."""
+    before the last convolution, which then takes 32 + 1 channels; with ``attention``, a
+    self-attention block over the 4x4 feature map of the first convolution (16 tokens of 32
+    features, 4 heads)."""
     generator = nn.Sequential(
         nn.Linear(z_dim, 64 * 2 * 2), nn.ReLU(), nn.Unflatten(1, (64, 2, 2)),
         nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),      # 4x4
         nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Tanh())       # 8x8
     critic = nn.Sequential(
         ganops.spectral_norm(nn.Conv2d(1, 32, 3, 2, 1)), nn.LeakyReLU(0.2),    # 4x4
+        *([SelfAttention2d(32)] if attention else []),
         *([ganops.nn.MinibatchStdDev()] if mbstd else []),
         ganops.spectral_norm(nn.Conv2d(32 + int(mbstd), 64, 3, 2, 1)), nn.LeakyReLU(0.2),   # 2x2
         nn.Flatten(),
@@ -154,16 +176,18 @@ class Progress:
 
 
 def train(data: str, steps: int, seed: int, backend: str, penalty: str = "gp", max_norm: float = 10.0,
-          quiet: bool = False, mbstd: bool = False) -> dict:
-    """Trains one GAN; returns its losses, gradient norms, samples and wall time. ``mbstd``:
-    the conv critic with minibatch standard deviation (digits only)."""
+          quiet: bool = False, mbstd: bool = False, attention: bool = False) -> dict:
+    """Trains one GAN; returns its losses, gradient norms, samples and wall time. ``mbstd``,
+    ``attention``: the conv critic with minibatch standard deviation, with self-attention
+    (digits only)."""
     cfg = CONFIGS[data]
     torch.manual_seed(seed)
     data_rng = torch.Generator().manual_seed(seed + 1)
     penalty_rng = torch.Generator().manual_seed(seed + 2)
     dataset = cfg["data"](data_rng)
     with ganops.use_backend(backend):
-        generator, critic = cfg["pair"](cfg["z_dim"], mbstd=True) if mbstd else cfg["pair"](cfg["z_dim"])
+        options = {name: True for name, on in (("mbstd", mbstd), ("attention", attention)) if on}
+        generator, critic = cfg["pair"](cfg["z_dim"], **options)
         opt_d = torch.optim.Adam(critic.parameters(), lr=cfg["lr_d"], betas=(0.0, 0.9))
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg["lr_g"], betas=(0.0, 0.9))
         losses_d, losses_g, norms_d, norms_g = [], [], [], []
@@ -338,7 +362,8 @@ def loss_agreement(a: dict, b: dict) -> dict:
 
 def compare(args) -> dict:
     """The same seed with the pure-PyTorch backend and with auto: metrics, times, agreement."""
-    runs = [train(args.data, args.steps, args.seed, backend, args.penalty, quiet=args.quiet, mbstd=args.mbstd)
+    runs = [train(args.data, args.steps, args.seed, backend, args.penalty, quiet=args.quiet, mbstd=args.mbstd,
+                  attention=args.attention)
             for backend in ("torch", "auto")]
     metrics = [metrics_of(r) for r in runs]
     agreement = loss_agreement(runs[0], runs[1])
@@ -373,9 +398,12 @@ def parse_args(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--mbstd", action="store_true",
                         help="digits: minibatch standard deviation before the conv critic's last convolution")
+    parser.add_argument("--attention", action="store_true",
+                        help="digits: a self-attention block over the conv critic's 4x4 feature map")
     args = parser.parse_args(argv)
-    if args.mbstd and args.data != "digits":
-        parser.error("--mbstd applies to the conv critic: use it with --data digits")
+    for flag in ("mbstd", "attention"):
+        if getattr(args, flag) and args.data != "digits":
+            parser.error(f"--{flag} applies to the conv critic: use it with --data digits")
     return args
 
 
@@ -383,7 +411,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare:
         return compare(args)
-    run = train(args.data, args.steps, args.seed, args.backend, args.penalty, quiet=args.quiet, mbstd=args.mbstd)
+    run = train(args.data, args.steps, args.seed, args.backend, args.penalty, quiet=args.quiet, mbstd=args.mbstd,
+                attention=args.attention)
     metrics = metrics_of(run)
     print(json.dumps(metrics, indent=2))
     if args.out:

@@ -1,10 +1,14 @@
-"""examples/train_gan.py: a bounded training run reaches the modes, --compare agrees, digits run."""
+"""examples/train_gan.py: a bounded training run reaches the modes, --compare agrees, digits run,
+--attention trains through self-attention."""
 
 import importlib.util
 import json
 import os
 
 import pytest
+import torch
+
+import ganops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_gan.py")
@@ -54,3 +58,20 @@ def test_digits_runs(train_gan, tmp_path):
 def test_r1_penalty_flag(train_gan):
     metrics = train_gan.main(["--data", "ring8", "--steps", "3", "--penalty", "r1", "--quiet"])
     assert metrics["steps"] == 3
+
+
+def test_attention_flag(train_gan):
+    """--attention: a self-attention block (ganops.nn.MultiheadAttention) after the conv
+    critic's first convolution, which WGAN-GP and R1 train through; R1 reaches its parameters."""
+    _, plain = train_gan.conv_pair(8)
+    _, critic = train_gan.conv_pair(8, attention=True)
+    assert not any(isinstance(m, ganops.nn.MultiheadAttention) for m in plain.modules())
+    (attention,) = [m for m in critic.modules() if isinstance(m, ganops.nn.MultiheadAttention)]
+    real = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ganops.r1_penalty(critic, real, gamma=10.0).backward()
+    assert attention.in_proj_weight.grad.abs().max() > 0
+    for penalty in ("gp", "r1"):
+        metrics = train_gan.main(["--data", "digits", "--steps", "2", "--attention", "--penalty", penalty, "--quiet"])
+        assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["final_loss_d"]))
+    with pytest.raises(SystemExit):
+        train_gan.parse_args(["--data", "ring8", "--attention"])
