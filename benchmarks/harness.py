@@ -12,6 +12,7 @@ GB/s and a fraction of the device's copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import statistics
@@ -31,6 +32,9 @@ class Impl:
     # that work in place, the tensors they changed.
     result: Callable[[Any], Any] | None = None
     check: bool = True
+    # For calls of seconds: (warm-up calls, timed calls), in place of the defaults of
+    # time_impl (a time budget and at least 7 timed calls).
+    repeats: tuple[int, int] | None = None
 
     def outputs(self):
         """Resets, runs once and returns the outputs to compare."""
@@ -170,6 +174,8 @@ def copy_bandwidth(device: str, nbytes: int = 2**30) -> dict[str, float]:
 def time_impl(impl: Impl, device: str, min_time: float = 0.4, max_reps: int = 200,
               min_reps: int = 7, warmup: int = 3) -> dict[str, float]:
     """Median and spread of individually timed calls, in seconds."""
+    if impl.repeats:
+        (warmup, min_reps), min_time = impl.repeats, 0.0
     for _ in range(warmup):
         if impl.reset:
             impl.reset()
@@ -206,6 +212,26 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def release_freed_memory() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    A case's ``reset`` for CPU memory measurements: peak_extra_memory reads the growth of
+    the resident set, and a call that reuses pages an earlier call freed (allocations under
+    glibc's mmap threshold, up to 32 MiB, stay in the heap) would show less than it uses.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def peak_extra_memory(impl: Impl, device: str) -> float | None:
