@@ -111,7 +111,7 @@ def _check_mask(attn_mask, query: torch.Tensor, batch: torch.Size, length: int, 
         raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if is_causal:
         raise RuntimeError("attn_mask must be None when is_causal=True (the causal mask is the mask)")
-    if attn_mask.dtype not in (torch.bool, query.dtype) and not attn_mask.is_floating_point():
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise RuntimeError(f"attn_mask must be bool or floating, got dtype {attn_mask.dtype}")
     if attn_mask.device != query.device:
         raise RuntimeError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
@@ -141,9 +141,11 @@ def _check_options(dropout_p, is_causal, scale, enable_gqa) -> tuple[float, floa
 # ---------------------------------------------------------------------------------------
 
 def _scores(query: torch.Tensor, key: torch.Tensor, scale: float, is_causal: bool) -> torch.Tensor:
-    """S = scale · Q Kᵀ in the accumulation dtype, −inf where key j > query i when is_causal."""
+    """S = (scale · Q) Kᵀ in the accumulation dtype (scale on Q, as the kernels do: E = 0 with
+    scale = inf gives S = 0, as torch's math path does), −inf where key j > query i when
+    is_causal."""
     acc = acc_dtype(query.dtype)
-    s = torch.matmul(query.to(acc), key.to(acc).transpose(-2, -1)) * scale
+    s = torch.matmul(query.to(acc) * scale, key.to(acc).transpose(-2, -1))
     if is_causal:
         length, keys = s.shape[-2:]
         kept = torch.ones(length, keys, dtype=torch.bool, device=s.device).tril()
