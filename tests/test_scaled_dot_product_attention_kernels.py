@@ -1,0 +1,190 @@
+"""Tests of the kernels of scaled-dot-product attention, to second order: the Triton launchers
+(called directly, on CPU tensors under TRITON_INTERPRET=1) and the CUDA kernels' launch run on
+the CPU (every block and thread), against attention written out here in float64 and
+differentiated by autograd, on the edge cases of the tiling: tails of L and S, causal masks
+with L ≠ S, E ≠ Ev, every float dtype, strided inputs, absent cotangents, and empty sizes.
+
+The op's public function, its registry entries and the contract suite are tested in
+tests/test_scaled_dot_product_attention.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+import ganops
+from conftest import assert_within_reference_error, tol
+
+HAS_TRITON = ganops._backend.unavailable_reason("triton", "cpu") is None
+HAS_CPP = ganops._backend.unavailable_reason("cpp", "cpu") is None
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run on CPU tensors here "
+                                     "(needs triton and TRITON_INTERPRET=1)")
+requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="the compiled extension is not built")
+
+
+# ---------------------------------------------------------------------------------------
+# The reference, written out here
+# ---------------------------------------------------------------------------------------
+
+def attention(q, k, v, scale, is_causal):
+    """(softmax(scale · q kᵀ, masked) v, logsumexp), in q's dtype; key j masked for query i
+    where j > i when is_causal. S = 0 gives out = 0 and lse = −inf."""
+    s = scale * q @ k.transpose(-1, -2)
+    if is_causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None]) @ v, lse
+
+
+def reference_orders(q, k, v, grad_out, cotangents, scale, is_causal, dtype=torch.float64):
+    """Forward (out, lse), backward (dQ, dK, dV) and double backward (grad of dO, of Q, of K,
+    of V) of `attention` computed in dtype by autograd; cotangents (gQ, gK, gV), None zero."""
+    q, k, v, grad_out = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, grad_out))
+    out, lse = attention(q, k, v, scale, is_causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out, create_graph=True)
+    pairs = [(g, c.to(dtype)) for g, c in zip(grads, cotangents) if c is not None]
+    second = torch.autograd.grad([g for g, _ in pairs], (grad_out, q, k, v), [c for _, c in pairs],
+                                 allow_unused=True) if pairs else (None,) * 4
+    second = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(second, (grad_out, q, k, v)))
+    detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
+    return detach((out, lse)), detach(grads), detach(second)
+
+
+def rand(*shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def inputs(B, L, S, E, Ev, dtype, seed=0):
+    """q, k, v, grad_out and the three cotangents, with values of order 1."""
+    return (rand(B, L, E, dtype=dtype, seed=seed), rand(B, S, E, dtype=dtype, seed=seed + 1),
+            rand(B, S, Ev, dtype=dtype, seed=seed + 2), rand(B, L, Ev, dtype=dtype, seed=seed + 3),
+            (rand(B, L, E, dtype=dtype, seed=seed + 4), rand(B, S, E, dtype=dtype, seed=seed + 5),
+             rand(B, S, Ev, dtype=dtype, seed=seed + 6)))
+
+
+def triton_orders(q, k, v, grad_out, cotangents, scale, is_causal):
+    """The three orders from the Triton launchers, each fed the previous one's results."""
+    from ganops.triton_kernels import scaled_dot_product_attention as kernels
+    out, lse = kernels.scaled_dot_product_attention(q, k, v, scale, is_causal)
+    grads = kernels.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, scale, is_causal)
+    second = kernels.scaled_dot_product_attention_double_backward(*cotangents, grad_out, q, k, v, out, lse, scale,
+                                                                  is_causal)
+    return (out, lse), grads, second
+
+
+def launch_check_orders(q, k, v, grad_out, cotangents, scale, is_causal):
+    """The three orders from the CUDA launches replayed on the CPU, and every visit count."""
+    results = torch.ops.ganops._scaled_dot_product_attention_cuda_launch_check(q, k, v, grad_out, *cotangents,
+                                                                                scale, is_causal)
+    *values, visits = results
+    return (tuple(values[:2]), tuple(values[2:5]), tuple(values[5:9])), visits
+
+
+# (B, L, S, E, Ev): one tile; tails of L and S over several tiles; L < S and L > S for the
+# causal mask's corner; a head dimension that is no power of two and E ≠ Ev.
+SHAPES = [(1, 5, 7, 4, 4), (2, 37, 21, 5, 3), (2, 21, 40, 8, 6), (1, 70, 67, 16, 12)]
+SHAPE_IDS = ["one_tile", "tails_L_gt_S", "tails_L_lt_S", "over_64"]
+
+
+def assert_orders_close(got, want, dtype):
+    for name, got_order, want_order in zip(("forward", "backward", "double backward"), got, want):
+        for i, (g, w) in enumerate(zip(got_order, want_order)):
+            assert g.shape == w.shape, f"{name} output {i}: shape {tuple(g.shape)}, want {tuple(w.shape)}"
+            assert g.is_contiguous(), f"{name} output {i} is not contiguous"
+            torch.testing.assert_close(g.double(), w.double(), **tol(dtype), msg=lambda m: f"{name} output {i}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# Triton, on the interpreter
+# ---------------------------------------------------------------------------------------
+
+@requires_triton
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=SHAPE_IDS[:3])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_triton_float64(shape, is_causal):
+    """Every order of the Triton kernels equals autograd through the formula, in float64
+    (whose tiles are 16 wide: these shapes cross several)."""
+    q, k, v, grad_out, cotangents = inputs(*shape, torch.float64)
+    scale = 1 / math.sqrt(shape[3])
+    got = triton_orders(q, k, v, grad_out, cotangents, scale, is_causal)
+    assert got[0][1].dtype == torch.float64
+    assert_orders_close(got, reference_orders(q, k, v, grad_out, cotangents, scale, is_causal), torch.float64)
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=["tails", "over_64"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_triton_float32(shape, is_causal):
+    """float32 to float32's tolerance of the float64 formula, with float32 logsumexp; the
+    64-wide tiles of float32 have tails here."""
+    q, k, v, grad_out, cotangents = inputs(*shape, torch.float32)
+    scale = 0.3
+    got = triton_orders(q, k, v, grad_out, cotangents, scale, is_causal)
+    assert got[0][1].dtype == torch.float32
+    assert_orders_close(got, reference_orders(q, k, v, grad_out, cotangents, scale, is_causal), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_half_within_reference_error(dtype):
+    """Half types within 2× the error of the formula run in that dtype; logsumexp in float32."""
+    q, k, v, grad_out, cotangents = inputs(2, 37, 45, 8, 8, dtype)
+    scale = 1 / math.sqrt(8)
+    got = triton_orders(q, k, v, grad_out, cotangents, scale, True)
+    exact = reference_orders(q, k, v, grad_out, cotangents, scale, True)
+    low = reference_orders(q, k, v, grad_out, cotangents, scale, True, dtype=dtype)
+    assert got[0][0].dtype == dtype and got[0][1].dtype == torch.float32
+    for got_order, low_order, exact_order in zip(got, low, exact):
+        for g, lo, ex in zip(got_order, low_order, exact_order):
+            assert g.dtype == (torch.float32 if g is got[0][1] else dtype)
+            assert_within_reference_error(g, lo, ex, dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("present", [(True, False, False), (False, True, False), (False, False, True),
+                                     (False, False, False)], ids=["gQ", "gK", "gV", "none"])
+def test_triton_absent_cotangents(present):
+    """None cotangents count as zero (and are not read)."""
+    q, k, v, grad_out, cotangents = inputs(2, 19, 23, 6, 5, torch.float64, seed=3)
+    cotangents = tuple(c if p else None for c, p in zip(cotangents, present))
+    got = triton_orders(q, k, v, grad_out, cotangents, 0.5, True)
+    assert_orders_close(got[2:], reference_orders(q, k, v, grad_out, cotangents, 0.5, True)[2:], torch.float64)
+
+
+@requires_triton
+def test_triton_strided_inputs():
+    """Transposed and sliced views give what their contiguous copies give."""
+    B, L, S, E, Ev = 2, 19, 23, 6, 5
+    q, k, v, grad_out, cotangents = inputs(B, L, S, E, Ev, torch.float64, seed=5)
+    views = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v, grad_out)]
+    views[0] = torch.cat([q, q], dim=-1)[..., ::2][..., :E].copy_(q)
+    views[2] = rand(B, S, 2 * Ev, seed=9)[..., ::2].copy_(v)
+    strided_cotangents = tuple(c.transpose(1, 2).contiguous().transpose(1, 2) for c in cotangents)
+    assert not any(t.is_contiguous() for t in (*views, *strided_cotangents))
+    got = triton_orders(*views, strided_cotangents, 0.4, False)
+    want = triton_orders(q, k, v, grad_out, cotangents, 0.4, False)
+    for got_order, want_order in zip(got, want):
+        for g, w in zip(got_order, want_order):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3, 5), (2, 0, 6, 3, 5), (0, 4, 6, 3, 5)], ids=["S0", "L0", "B0"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_triton_empty(shape, is_causal):
+    """S = 0: out = 0, lse = −inf, dQ = 0 and empty dK, dV; L = 0 or B = 0: empty results and
+    zero key gradients, as the math backend gives."""
+    q, k, v, grad_out, cotangents = inputs(*shape, torch.float64)
+    got = triton_orders(q, k, v, grad_out, cotangents, 0.5, is_causal)
+    want = reference_orders(q, k, v, grad_out, cotangents, 0.5, is_causal)
+    if shape[2] == 0 and shape[1] > 0:
+        assert (got[0][1] == -math.inf).all() and (got[0][0] == 0).all()
+    assert_orders_close(got, want, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA kernels' launch, run on the CPU
+# ---------------------------------------------------------------------------------------
