@@ -97,6 +97,22 @@ def assert_orders_close(got, want, dtype):
             torch.testing.assert_close(g.double(), w.double(), **tol(dtype), msg=lambda m: f"{name} output {i}: {m}")
 
 
+# Half types: causal, tails, scale 1/√E.
+HALF_SHAPE, HALF_SCALE = (2, 37, 45, 8, 8), 1 / math.sqrt(8)
+
+
+def assert_half_orders(got, q, k, v, grad_out, cotangents):
+    """Every order within 2× the error of the formula run in the inputs' half dtype (causal,
+    HALF_SCALE); logsumexp in float32, the rest in the half dtype."""
+    dtype = q.dtype
+    exact = reference_orders(q, k, v, grad_out, cotangents, HALF_SCALE, True)
+    low = reference_orders(q, k, v, grad_out, cotangents, HALF_SCALE, True, dtype=dtype)
+    for got_order, low_order, exact_order in zip(got, low, exact):
+        for g, lo, ex in zip(got_order, low_order, exact_order):
+            assert g.dtype == (torch.float32 if g is got[0][1] else dtype)
+            assert_within_reference_error(g, lo, ex, dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # Triton, on the interpreter
 # ---------------------------------------------------------------------------------------
@@ -131,16 +147,8 @@ def test_triton_float32(shape, is_causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_half_within_reference_error(dtype):
     """Half types within 2× the error of the formula run in that dtype; logsumexp in float32."""
-    q, k, v, grad_out, cotangents = inputs(2, 37, 45, 8, 8, dtype)
-    scale = 1 / math.sqrt(8)
-    got = triton_orders(q, k, v, grad_out, cotangents, scale, True)
-    exact = reference_orders(q, k, v, grad_out, cotangents, scale, True)
-    low = reference_orders(q, k, v, grad_out, cotangents, scale, True, dtype=dtype)
-    assert got[0][0].dtype == dtype and got[0][1].dtype == torch.float32
-    for got_order, low_order, exact_order in zip(got, low, exact):
-        for g, lo, ex in zip(got_order, low_order, exact_order):
-            assert g.dtype == (torch.float32 if g is got[0][1] else dtype)
-            assert_within_reference_error(g, lo, ex, dtype)
+    q, k, v, grad_out, cotangents = inputs(*HALF_SHAPE, dtype)
+    assert_half_orders(triton_orders(q, k, v, grad_out, cotangents, HALF_SCALE, True), q, k, v, grad_out, cotangents)
 
 
 @requires_triton
@@ -188,3 +196,69 @@ def test_triton_empty(shape, is_causal):
 # ---------------------------------------------------------------------------------------
 # The CUDA kernels' launch, run on the CPU
 # ---------------------------------------------------------------------------------------
+
+# (B, L, S, E, Ev): tails; more keys (S > 128) and more queries (L > 128) than a block has
+# threads, so the tiles of a row and of a key column have tails; a head dimension over 128,
+# so output columns take two passes.
+LAUNCH_SHAPES = [(2, 7, 5, 3, 4), (1, 150, 131, 6, 5), (2, 9, 11, 136, 7)]
+LAUNCH_IDS = ["small", "tiles_over_128", "columns_over_128"]
+
+
+@requires_cpp
+@pytest.mark.parametrize("shape", LAUNCH_SHAPES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cuda_launch_check(shape, is_causal, dtype):
+    """Every (block, thread) of the CUDA launches: each element of every output and
+    intermediate written exactly once, and every order equal to autograd through the formula."""
+    q, k, v, grad_out, cotangents = inputs(*shape, dtype)
+    scale = 1 / math.sqrt(shape[3])
+    got, visits = launch_check_orders(q, k, v, grad_out, cotangents, scale, is_causal)
+    B, L, S, E, Ev = shape
+    assert visits.numel() == B * L * (2 * Ev + 2 * E + 5) + B * S * 2 * (E + Ev)
+    assert (visits == 1).all(), f"{(visits != 1).sum().item()} elements not written exactly once"
+    assert_orders_close(got, reference_orders(q, k, v, grad_out, cotangents, scale, is_causal), dtype)
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_launch_check_half_within_reference_error(dtype):
+    q, k, v, grad_out, cotangents = inputs(*HALF_SHAPE, dtype)
+    got, visits = launch_check_orders(q, k, v, grad_out, cotangents, HALF_SCALE, True)
+    assert (visits == 1).all()
+    assert_half_orders(got, q, k, v, grad_out, cotangents)
+
+
+@requires_cpp
+@pytest.mark.parametrize("present", [(True, False, False), (False, True, False), (False, False, True),
+                                     (False, False, False)], ids=["gQ", "gK", "gV", "none"])
+def test_cuda_launch_check_absent_cotangents(present):
+    q, k, v, grad_out, cotangents = inputs(2, 19, 23, 6, 5, torch.float64, seed=3)
+    cotangents = tuple(c if p else None for c, p in zip(cotangents, present))
+    got, visits = launch_check_orders(q, k, v, grad_out, cotangents, 0.5, True)
+    assert (visits == 1).all()
+    assert_orders_close(got[2:], reference_orders(q, k, v, grad_out, cotangents, 0.5, True)[2:], torch.float64)
+
+
+@requires_cpp
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3, 5), (2, 0, 6, 3, 5)], ids=["S0", "L0"])
+def test_cuda_launch_check_empty(shape):
+    """S = 0: out = 0, lse = −inf, every row's outputs written once; L = 0: no launch, zero
+    key gradients."""
+    q, k, v, grad_out, cotangents = inputs(*shape, torch.float64)
+    got, visits = launch_check_orders(q, k, v, grad_out, cotangents, 0.5, True)
+    if shape[1] > 0:
+        assert (visits == 1).all()
+        assert (got[0][1] == -math.inf).all() and (got[0][0] == 0).all()
+    else:
+        assert (visits == 0).all()
+    assert_orders_close(got, reference_orders(q, k, v, grad_out, cotangents, 0.5, True), torch.float64)
+
+
+@requires_cpp
+def test_cuda_launch_check_rejects_bad_shapes():
+    q, k, v, grad_out, _ = inputs(1, 4, 5, 3, 2, torch.float64)
+    with pytest.raises(RuntimeError, match="value must be"):
+        launch_check_orders(q, k, v[:, :4], grad_out, (None,) * 3, 0.5, False)
+    with pytest.raises(RuntimeError, match="grad_grad_key must have shape"):
+        launch_check_orders(q, k, v, grad_out, (None, k[:, :2], None), 0.5, False)
