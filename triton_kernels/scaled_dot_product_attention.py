@@ -2,12 +2,14 @@
 second order.
 
 q (B, L, E), k (B, S, E), v (B, S, Ev); S = scale · Q Kᵀ (key j masked for query i where
-j > i when is_causal), P = softmax_rows(S) = exp(S − lse), O = P V. Parallel in structure to
-csrc/scaled_dot_product_attention/scaled_dot_product_attention_cuda.cu: every pass is either
-row-side (a program per (query block, b), looping over key blocks) or column-side (a program
-per (key block, b), looping over query blocks), so each output element is written by one
-program and no atomics are needed (deterministic). No tile larger than BLOCK_M × BLOCK_N is
-ever formed; the tiles of P are recomputed from the saved logsumexp.
+j > i when is_causal), P = softmax_rows(S) = exp(S − lse), O = P V. The passes of
+csrc/scaled_dot_product_attention/scaled_dot_product_attention_cuda.cu, each either row-side (a
+program per (query block, b), looping over key blocks; CUDA: a block per query row) or
+column-side (a program per (key block, b), looping over query blocks; CUDA: a block per key
+row), so each output element is written by one program and no atomics are needed
+(deterministic). Unlike CUDA's, the forward is one pass (an online softmax, where CUDA computes
+lse first). No tile larger than BLOCK_M × BLOCK_N is ever formed; the tiles of P are
+recomputed from the saved logsumexp.
 
 - forward: row-side, online softmax; stores O and lse.
 - backward: the row statistic D_i = Σ_c dO_ic O_ic, then dK, dV column-side and dQ row-side:
