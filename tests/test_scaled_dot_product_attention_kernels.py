@@ -193,6 +193,31 @@ def test_triton_empty(shape, is_causal):
     assert_orders_close(got, want, torch.float64)
 
 
+def special_rows():
+    """q, k, v whose query rows 0, 1, 2 score −inf, +inf and NaN against every key (k > 0);
+    the other rows are finite."""
+    q, k, v, _, _ = inputs(1, 5, 6, 2, 3, torch.float64, seed=7)
+    k = k.abs() + 0.1
+    q[0, 0, 0], q[0, 1, 0], q[0, 2, 0] = -math.inf, math.inf, math.nan
+    return q, k, v
+
+
+def assert_special_forward(out, lse, q, k, v):
+    """The math formula's values: out NaN for rows 0-2 (softmax of all −inf or with +inf or
+    NaN), lse −inf, +inf and NaN as torch.logsumexp gives."""
+    want_out, want_lse = attention(q, k, v, 0.5, False)
+    assert want_out[0, :3].isnan().all()
+    torch.testing.assert_close(out, want_out, **tol(torch.float64), equal_nan=True)
+    torch.testing.assert_close(lse, want_lse, **tol(torch.float64), equal_nan=True)
+
+
+@requires_triton
+def test_triton_special_scores():
+    from ganops.triton_kernels import scaled_dot_product_attention as kernels
+    q, k, v = special_rows()
+    assert_special_forward(*kernels.scaled_dot_product_attention(q, k, v, 0.5, False), q, k, v)
+
+
 # ---------------------------------------------------------------------------------------
 # The CUDA kernels' launch, run on the CPU
 # ---------------------------------------------------------------------------------------
@@ -262,3 +287,11 @@ def test_cuda_launch_check_rejects_bad_shapes():
         launch_check_orders(q, k, v[:, :4], grad_out, (None,) * 3, 0.5, False)
     with pytest.raises(RuntimeError, match="grad_grad_key must have shape"):
         launch_check_orders(q, k, v, grad_out, (None, k[:, :2], None), 0.5, False)
+
+
+@requires_cpp
+def test_cuda_launch_check_special_scores():
+    q, k, v = special_rows()
+    (forward, _, _), _ = launch_check_orders(q, k, v, torch.zeros(1, 5, 3, dtype=torch.float64), (None,) * 3, 0.5,
+                                             False)
+    assert_special_forward(*forward, q, k, v)

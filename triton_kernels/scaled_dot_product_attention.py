@@ -159,11 +159,14 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, S, E, EV, s_hi, s_
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         acc = acc * rescale[:, None] + _mm(p, v)
         row_max = new_max
-    # No key at all (S = 0): out = 0 and lse = −inf, the math backend's empty sum.
-    seen = row_sum > 0
-    safe_sum = tl.where(seen, row_sum, 1)
-    _store_tile(out_ptr, b * L * EV, rows, L, EV, EV_P, tl.where(seen[:, None], div_rn(acc, safe_sum[:, None]), 0))
-    tl.store(lse_ptr + b * L + rows, tl.where(seen, row_max + tl.log(safe_sum), float("-inf")), mask=rows < L)
+    # The math backend's values where a row's sum is 0: out = 0 (acc = 0) for S = 0, an empty
+    # sum; NaN (0 / 0) for keys whose scores are all −inf, as its softmax gives. lse is
+    # torch.logsumexp's: −inf for a zero sum, +inf where a score is +inf, NaN passed on.
+    empty = (rows >= L) | (S == 0)
+    _store_tile(out_ptr, b * L * EV, rows, L, EV, EV_P, div_rn(acc, tl.where(empty, 1, row_sum)[:, None]))
+    log_sum = tl.log(tl.where(row_sum == 0, 1, row_sum))
+    lse = tl.where(row_max == float("inf"), row_max, tl.where(row_sum == 0, float("-inf"), row_max + log_sum))
+    tl.store(lse_ptr + b * L + rows, lse, mask=rows < L)
 
 
 # ---------------------------------------------------------------------------------------

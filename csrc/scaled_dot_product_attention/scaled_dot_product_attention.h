@@ -253,6 +253,8 @@ struct MaxSum {
   Acc max, sum;
 
   GANOPS_HD void add(Acc x) {
+    // A −inf score adds exp(−inf) = 0 (and would make exp(−inf − (−inf)) = NaN below).
+    if (x == -std::numeric_limits<Acc>::infinity()) return;
     if (x > max) {
       sum = sum * exponential(max - x) + Acc(1);
       max = x;
@@ -270,9 +272,13 @@ struct MaxSum {
     sum = sum * exponential(max - m) + other.sum * exponential(other.max - m);
     max = m;
   }
-  // log Σ exp over what was added; −inf for nothing (S = 0).
+  // log Σ exp over what was added, as torch.logsumexp: −inf for nothing (S = 0, or every
+  // score −inf), +inf where a score is +inf, NaN passed on.
   GANOPS_HD Acc log_sum_exp() const {
-    return sum > Acc(0) ? max + logarithm(sum) : -std::numeric_limits<Acc>::infinity();
+    constexpr Acc inf = std::numeric_limits<Acc>::infinity();
+    if (max == inf) return inf;
+    if (sum == Acc(0)) return -inf;
+    return max + logarithm(sum);
   }
 };
 
