@@ -4,11 +4,11 @@ second order.
 q (B, L, E), k (B, S, E), v (B, S, Ev); S = scale · Q Kᵀ (key j masked for query i where
 j > i when is_causal), P = softmax_rows(S) = exp(S − lse), O = P V. The passes of
 csrc/scaled_dot_product_attention/scaled_dot_product_attention_cuda.cu, each either row-side (a
-program per (query block, b), looping over key blocks; CUDA: a block per query row) or
-column-side (a program per (key block, b), looping over query blocks; CUDA: a block per key
+program per (b, query block), looping over key blocks; CUDA: a block per query row) or
+column-side (a program per (b, key block), looping over query blocks; CUDA: a block per key
 row), so each output element is written by one program and no atomics are needed
-(deterministic). Unlike CUDA's, the forward is one pass (an online softmax, where CUDA computes
-lse first). No tile larger than BLOCK_M × BLOCK_N is ever formed; the tiles of P are
+(deterministic). b is the grid's first axis, whose limit is 2^31 − 1 (the second's is 65535).
+Unlike CUDA's, the forward is one pass (an online softmax, where CUDA computes lse first). No tile larger than BLOCK_M × BLOCK_N is ever formed; the tiles of P are
 recomputed from the saved logsumexp.
 
 - forward: row-side, online softmax; stores O and lse.
@@ -137,8 +137,8 @@ def _row_dot(a_ptr, b_ptr, base, rows, L, WIDTH, WIDTH_P: tl.constexpr, ACC: tl.
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, S, E, EV, s_hi, s_mid, s_lo, s_e,
                     IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     E_P: tl.constexpr, EV_P: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
     q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
@@ -177,8 +177,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, S, E, EV, s_hi, s_
 def _row_delta_kernel(grad_out_ptr, out_ptr, delta_ptr, L, EV, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                       EV_P: tl.constexpr):
     """D_i = Σ_c dO_ic O_ic."""
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     delta = _row_dot(grad_out_ptr, out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
     tl.store(delta_ptr + b * L + rows, delta, mask=rows < L)
 
@@ -188,8 +188,8 @@ def _backward_key_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, 
                          EV, s_hi, s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """dK and dV of a key block, over the query blocks that see it."""
-    b = tl.program_id(1).to(tl.int64)
-    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
     k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
@@ -215,8 +215,8 @@ def _backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr
                            s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """dQ of a query block, over the key blocks it sees."""
-    b = tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
     q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
@@ -273,8 +273,8 @@ def _row_stats_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, gq_pt
                       BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """(D, gD, R) of each query row, at stats[0 | 1 | 2, b, i]: D_i = Σ_c dO_ic O_ic,
     gD_i = −Σ_j P_ij H_ij, R_i = Σ_j P_ij (dO gVᵀ + H ∘ (dP − D))_ij + gD_i · D_i."""
-    b = tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
     q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
@@ -296,15 +296,15 @@ def _row_stats_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, gq_pt
         partial_sum += tl.sum(p * partial, axis=1)
     mask = rows < L
     tl.store(stats_ptr + b * L + rows, delta, mask=mask)
-    tl.store(stats_ptr + (tl.num_programs(1) + b) * L + rows, grad_delta, mask=mask)
-    tl.store(stats_ptr + (2 * tl.num_programs(1) + b) * L + rows, partial_sum + grad_delta * delta, mask=mask)
+    tl.store(stats_ptr + (tl.num_programs(0) + b) * L + rows, grad_delta, mask=mask)
+    tl.store(stats_ptr + (2 * tl.num_programs(0) + b) * L + rows, partial_sum + grad_delta * delta, mask=mask)
 
 
 @triton.jit
 def _load_row_stats(stats_ptr, b, rows, L):
     """(D, gD, R) of rows `rows`, as _row_stats_kernel stored them."""
     mask = rows < L
-    B = tl.num_programs(1)
+    B = tl.num_programs(0)
     delta = tl.load(stats_ptr + b * L + rows, mask=mask, other=0)
     grad_delta = tl.load(stats_ptr + (B + b) * L + rows, mask=mask, other=0)
     r = tl.load(stats_ptr + (2 * B + b) * L + rows, mask=mask, other=0)
@@ -328,8 +328,8 @@ def _double_backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, gq
                                   HAS_GV: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """Grad of dO = P gV + g_dP V and grad of Q = scale · (dS gK + g_S K), a query block's rows."""
-    b = tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
     q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
@@ -365,8 +365,8 @@ def _double_backward_key_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, gq_p
                                 HAS_GV: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """Grad of K = scale · (dSᵀ gQ + g_Sᵀ Q) and grad of V = g_dPᵀ dO, a key block's rows."""
-    b = tl.program_id(1).to(tl.int64)
-    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
     k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
@@ -437,7 +437,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if B * L == 0:
         return out, lse
     config = _launch_config(q.dtype, E, Ev)
-    _forward_kernel[(triton.cdiv(L, config["BLOCK_M"]), B)](q, k, v, out, lse, L, S, E, Ev, *split_float(scale),
+    _forward_kernel[(B, triton.cdiv(L, config["BLOCK_M"]))](q, k, v, out, lse, L, S, E, Ev, *split_float(scale),
                                                             IS_CAUSAL=bool(is_causal), **config)
     return out, lse
 
@@ -459,13 +459,13 @@ def scaled_dot_product_attention_backward(grad_out: torch.Tensor, query: torch.T
     common = (L, S, E, Ev, *split_float(scale))
     delta = q.new_empty((B, L), dtype=_acc_torch(q.dtype))
     if B * L > 0:
-        grid = (triton.cdiv(L, config["BLOCK_M"]), B)
+        grid = (B, triton.cdiv(L, config["BLOCK_M"]))
         _row_delta_kernel[grid](grad_out, out, delta, L, Ev, ACC=config["ACC"], BLOCK_M=config["BLOCK_M"],
                                 EV_P=config["EV_P"])
         _backward_query_kernel[grid](grad_out, q, k, v, lse, delta, grad_q, *common, IS_CAUSAL=bool(is_causal),
                                      **config)
     if B * S > 0:
-        _backward_key_kernel[(triton.cdiv(S, config["BLOCK_N"]), B)](
+        _backward_key_kernel[(B, triton.cdiv(S, config["BLOCK_N"]))](
             grad_out, q, k, v, lse, delta, grad_k, grad_v, *common, IS_CAUSAL=bool(is_causal), **config)
     return grad_q, grad_k, grad_v
 
@@ -504,11 +504,11 @@ def scaled_dot_product_attention_double_backward(grad_grad_query: torch.Tensor |
     common = (L, S, E, Ev, *split_float(scale))
     stats = q.new_empty((3, B, L), dtype=_acc_torch(q.dtype))
     if B * L > 0:
-        grid = (triton.cdiv(L, config["BLOCK_M"]), B)
+        grid = (B, triton.cdiv(L, config["BLOCK_M"]))
         _row_stats_kernel[grid](grad_out, q, k, v, out, lse, gq, gk, gv, stats, *common, **flags, **config)
         _double_backward_query_kernel[grid](grad_out, q, k, v, lse, gq, gk, gv, stats, grad_grad_out, grad_q,
                                             *common, **flags, **config)
     if B * S > 0:
-        _double_backward_key_kernel[(triton.cdiv(S, config["BLOCK_N"]), B)](
+        _double_backward_key_kernel[(B, triton.cdiv(S, config["BLOCK_N"]))](
             grad_out, q, k, v, lse, gq, gk, gv, stats, grad_k, grad_v, *common, **flags, **config)
     return grad_grad_out, grad_q, grad_k, grad_v
