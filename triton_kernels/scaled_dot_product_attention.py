@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ganops._backend import triton_interpret
+
 from ._common import acc_dtype as _acc_torch
 from ._common import acc_tl as _acc
 from ._common import div_rn, join_float, on_device, split_float
@@ -59,23 +61,32 @@ def _padded(n: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _mm(a, b):
-    """a @ b for tiles in the accumulation dtype. float32 takes IEEE products (not TF32), as
-    the C++ kernels do; float64 multiplies and sums, which every backend compiles."""
-    if a.dtype == tl.float64:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+def _mm(a, b, HALF_DOT: tl.constexpr):
+    """a @ b in the accumulation dtype, for a tile loaded in the inputs' dtype and a tile that
+    is loaded too or computed in the accumulation dtype. float64 multiplies and sums (which
+    every backend compiles); float32 takes IEEE products (not TF32), as the C++ kernels do;
+    half inputs with HALF_DOT take the tensor cores with float32 accumulation, the computed
+    tile rounded to the inputs' dtype first, as flash attention does (the math backend in that
+    dtype rounds every intermediate). Without HALF_DOT (bfloat16 on the interpreter, whose
+    tl.dot reads bfloat16 wrongly) half tiles are multiplied in float32."""
+    if a.dtype == tl.float64 or b.dtype == tl.float64:
+        return tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif (a.dtype == tl.float32 and b.dtype == tl.float32) or not HALF_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a.to(b.dtype), b, out_dtype=tl.float32)
     else:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b.to(a.dtype), out_dtype=tl.float32)
 
 
 @triton.jit
-def _load_tile(ptr, base, rows, n_rows, WIDTH, WIDTH_P: tl.constexpr, ACC: tl.constexpr):
+def _load_tile(ptr, base, rows, n_rows, WIDTH, WIDTH_P: tl.constexpr):
     """Rows `rows` (< n_rows) of a contiguous (n_rows, WIDTH) matrix at ptr + base (int64), its
-    columns padded to WIDTH_P with zeros, in ACC."""
+    columns padded to WIDTH_P with zeros, in the tensor's dtype."""
     cols = tl.arange(0, WIDTH_P)
     offsets = base + rows[:, None].to(tl.int64) * WIDTH + cols[None, :]
     mask = (rows[:, None] < n_rows) & (cols[None, :] < WIDTH)
-    return tl.load(ptr + offsets, mask=mask, other=0).to(ACC)
+    return tl.load(ptr + offsets, mask=mask, other=0)
 
 
 @triton.jit
@@ -96,10 +107,10 @@ def _valid(rows, cols, L, S, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL: tl.constexpr):
+def _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL: tl.constexpr, HALF_DOT: tl.constexpr):
     """The tile of P = exp(scale · q kᵀ − lse), zero where masked (lse is the saved one, so
     exp's argument is ≤ 0 up to rounding)."""
-    s = _mm(q, tl.trans(k)) * scale
+    s = _mm(q, tl.trans(k), HALF_DOT) * scale
     return tl.where(_valid(rows, cols, L, S, IS_CAUSAL), tl.exp(s - lse[:, None]), 0)
 
 
@@ -124,8 +135,8 @@ def _query_start(start_n, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 @triton.jit
 def _row_dot(a_ptr, b_ptr, base, rows, L, WIDTH, WIDTH_P: tl.constexpr, ACC: tl.constexpr):
     """Σ_c a_ic b_ic for rows `rows` of two contiguous (L, WIDTH) matrices."""
-    a = _load_tile(a_ptr, base, rows, L, WIDTH, WIDTH_P, ACC)
-    b = _load_tile(b_ptr, base, rows, L, WIDTH, WIDTH_P, ACC)
+    a = _load_tile(a_ptr, base, rows, L, WIDTH, WIDTH_P).to(ACC)
+    b = _load_tile(b_ptr, base, rows, L, WIDTH, WIDTH_P).to(ACC)
     return tl.sum(a * b, axis=1)
 
 
@@ -135,21 +146,21 @@ def _row_dot(a_ptr, b_ptr, base, rows, L, WIDTH, WIDTH_P: tl.constexpr, ACC: tl.
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, S, E, EV, s_hi, s_mid, s_lo, s_e,
-                    IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     E_P: tl.constexpr, EV_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
-    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
+    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P)
     row_max = tl.full([BLOCK_M], float("-inf"), ACC)
     row_sum = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, EV_P], ACC)
     for start_n in range(0, _key_end(start_m, S, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
-        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P, ACC)
-        s = tl.where(_valid(rows, cols, L, S, IS_CAUSAL), _mm(q, tl.trans(k)) * scale, float("-inf"))
+        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P)
+        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P)
+        s = tl.where(_valid(rows, cols, L, S, IS_CAUSAL), _mm(q, tl.trans(k), HALF_DOT) * scale, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
         # A row with every key so far masked keeps max −inf; shifting by 0 instead keeps
         # exp(−inf − (−inf)) = NaN out of it.
@@ -157,7 +168,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, S, E, EV, s_hi, s_
         p = tl.exp(s - shift[:, None])
         rescale = tl.exp(row_max - shift)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + _mm(p, v)
+        acc = acc * rescale[:, None] + _mm(p, v, HALF_DOT)
         row_max = new_max
     # The math backend's values where a row's sum is 0: out = 0 (acc = 0) for S = 0, an empty
     # sum; NaN (0 / 0) for keys whose scores are all −inf, as its softmax gives. lse is
@@ -185,52 +196,52 @@ def _row_delta_kernel(grad_out_ptr, out_ptr, delta_ptr, L, EV, ACC: tl.constexpr
 
 @triton.jit
 def _backward_key_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, grad_k_ptr, grad_v_ptr, L, S, E,
-                         EV, s_hi, s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr,
+                         EV, s_hi, s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """dK and dV of a key block, over the query blocks that see it."""
     b = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
-    k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
-    v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P, ACC)
+    k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P)
+    v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P)
     grad_k = tl.zeros([BLOCK_N, E_P], ACC)
     grad_v = tl.zeros([BLOCK_N, EV_P], ACC)
     for start_m in range(_query_start(start_n, BLOCK_M, IS_CAUSAL), L, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
-        grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
+        q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P)
+        grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P)
         lse = tl.load(lse_ptr + b * L + rows, mask=rows < L, other=0)
         delta = tl.load(delta_ptr + b * L + rows, mask=rows < L, other=0)
-        p = _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL)
-        grad_v += _mm(tl.trans(p), grad_out)
-        grad_s = p * (_mm(grad_out, tl.trans(v)) - delta[:, None])
-        grad_k += _mm(tl.trans(grad_s), q)
+        p = _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL, HALF_DOT)
+        grad_v += _mm(tl.trans(p), grad_out, HALF_DOT)
+        grad_s = p * (_mm(grad_out, tl.trans(v), HALF_DOT) - delta[:, None])
+        grad_k += _mm(tl.trans(grad_s), q, HALF_DOT)
     _store_tile(grad_k_ptr, b * S * E, cols, S, E, E_P, grad_k * scale)
     _store_tile(grad_v_ptr, b * S * EV, cols, S, EV, EV_P, grad_v)
 
 
 @triton.jit
 def _backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, grad_q_ptr, L, S, E, EV, s_hi,
-                           s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """dQ of a query block, over the key blocks it sees."""
     b = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
-    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
-    grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
+    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P)
+    grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P)
     lse = tl.load(lse_ptr + b * L + rows, mask=rows < L, other=0)
     delta = tl.load(delta_ptr + b * L + rows, mask=rows < L, other=0)
     grad_q = tl.zeros([BLOCK_M, E_P], ACC)
     for start_n in range(0, _key_end(start_m, S, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
-        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P, ACC)
-        p = _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL)
-        grad_s = p * (_mm(grad_out, tl.trans(v)) - delta[:, None])
-        grad_q += _mm(grad_s, k)
+        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P)
+        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P)
+        p = _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL, HALF_DOT)
+        grad_s = p * (_mm(grad_out, tl.trans(v), HALF_DOT) - delta[:, None])
+        grad_q += _mm(grad_s, k, HALF_DOT)
     _store_tile(grad_q_ptr, b * L * E, rows, L, E, E_P, grad_q * scale)
 
 
@@ -239,37 +250,38 @@ def _backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_optional(ptr, base, rows, n_rows, WIDTH, WIDTH_P: tl.constexpr, ACC: tl.constexpr, PRESENT: tl.constexpr):
+def _load_optional(ptr, base, rows, n_rows, WIDTH, WIDTH_P: tl.constexpr, PRESENT: tl.constexpr):
     """_load_tile, or zeros for an absent (None) cotangent."""
     if PRESENT:
-        return _load_tile(ptr, base, rows, n_rows, WIDTH, WIDTH_P, ACC)
+        return _load_tile(ptr, base, rows, n_rows, WIDTH, WIDTH_P)
     else:
-        return tl.zeros([rows.shape[0], WIDTH_P], ACC)
+        return tl.zeros([rows.shape[0], WIDTH_P], ptr.dtype.element_ty)
 
 
 @triton.jit
 def _second_order_tiles(q, gq, grad_out, lse, delta, k, gk, v, gv, rows, cols, L, S, scale,
-                        IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr):
+                        IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
+                        HALF_DOT: tl.constexpr):
     """The tiles of one (query block, key block) every double-backward pass needs: P, dP, H and
     the part of g_P that does not involve gD, dO gVᵀ + H ∘ (dP − D). Absent cotangents add nothing."""
-    p = _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL)
-    grad_p = _mm(grad_out, tl.trans(v))
+    p = _probabilities(q, k, lse, rows, cols, L, S, scale, IS_CAUSAL, HALF_DOT)
+    grad_p = _mm(grad_out, tl.trans(v), HALF_DOT)
     h = tl.zeros(p.shape, p.dtype)
     if HAS_GQ:
-        h += _mm(gq, tl.trans(k))
+        h += _mm(gq, tl.trans(k), HALF_DOT)
     if HAS_GK:
-        h += _mm(q, tl.trans(gk))
+        h += _mm(q, tl.trans(gk), HALF_DOT)
     h = h * scale
     partial = h * (grad_p - delta[:, None])
     if HAS_GV:
-        partial += _mm(grad_out, tl.trans(gv))
+        partial += _mm(grad_out, tl.trans(gv), HALF_DOT)
     return p, grad_p, h, partial
 
 
 @triton.jit
 def _row_stats_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, gq_ptr, gk_ptr, gv_ptr, stats_ptr, L, S,
                       E, EV, s_hi, s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr,
-                      HAS_GK: tl.constexpr, HAS_GV: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      HAS_GK: tl.constexpr, HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """(D, gD, R) of each query row, at stats[0 | 1 | 2, b, i]: D_i = Σ_c dO_ic O_ic,
     gD_i = −Σ_j P_ij H_ij, R_i = Σ_j P_ij (dO gVᵀ + H ∘ (dP − D))_ij + gD_i · D_i."""
@@ -277,21 +289,21 @@ def _row_stats_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, gq_pt
     start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
-    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
-    gq = _load_optional(gq_ptr, b * L * E, rows, L, E, E_P, ACC, HAS_GQ)
-    grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
+    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P)
+    gq = _load_optional(gq_ptr, b * L * E, rows, L, E, E_P, HAS_GQ)
+    grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P)
     lse = tl.load(lse_ptr + b * L + rows, mask=rows < L, other=0)
     delta = _row_dot(grad_out_ptr, out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
     grad_delta = tl.zeros([BLOCK_M], ACC)
     partial_sum = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, _key_end(start_m, S, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
-        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P, ACC)
-        gk = _load_optional(gk_ptr, b * S * E, cols, S, E, E_P, ACC, HAS_GK)
-        gv = _load_optional(gv_ptr, b * S * EV, cols, S, EV, EV_P, ACC, HAS_GV)
+        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P)
+        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P)
+        gk = _load_optional(gk_ptr, b * S * E, cols, S, E, E_P, HAS_GK)
+        gv = _load_optional(gv_ptr, b * S * EV, cols, S, EV, EV_P, HAS_GV)
         p, grad_p, h, partial = _second_order_tiles(q, gq, grad_out, lse, delta, k, gk, v, gv, rows, cols, L, S,
-                                                    scale, IS_CAUSAL, HAS_GQ, HAS_GK, HAS_GV)
+                                                    scale, IS_CAUSAL, HAS_GQ, HAS_GK, HAS_GV, HALF_DOT)
         grad_delta -= tl.sum(p * h, axis=1)
         partial_sum += tl.sum(p * partial, axis=1)
     mask = rows < L
@@ -325,35 +337,35 @@ def _second_order_grads(p, grad_p, h, partial, delta, grad_delta, r):
 def _double_backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, gq_ptr, gk_ptr, gv_ptr, stats_ptr,
                                   grad_grad_out_ptr, grad_q_ptr, L, S, E, EV, s_hi, s_mid, s_lo, s_e,
                                   IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr,
-                                  HAS_GV: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """Grad of dO = P gV + g_dP V and grad of Q = scale · (dS gK + g_S K), a query block's rows."""
     b = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
-    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
-    gq = _load_optional(gq_ptr, b * L * E, rows, L, E, E_P, ACC, HAS_GQ)
-    grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
+    q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P)
+    gq = _load_optional(gq_ptr, b * L * E, rows, L, E, E_P, HAS_GQ)
+    grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P)
     lse = tl.load(lse_ptr + b * L + rows, mask=rows < L, other=0)
     delta, grad_delta, r = _load_row_stats(stats_ptr, b, rows, L)
     grad_grad_out = tl.zeros([BLOCK_M, EV_P], ACC)
     grad_q = tl.zeros([BLOCK_M, E_P], ACC)
     for start_n in range(0, _key_end(start_m, S, BLOCK_M, IS_CAUSAL), BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
-        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P, ACC)
-        gk = _load_optional(gk_ptr, b * S * E, cols, S, E, E_P, ACC, HAS_GK)
-        gv = _load_optional(gv_ptr, b * S * EV, cols, S, EV, EV_P, ACC, HAS_GV)
+        k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P)
+        v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P)
+        gk = _load_optional(gk_ptr, b * S * E, cols, S, E, E_P, HAS_GK)
+        gv = _load_optional(gv_ptr, b * S * EV, cols, S, EV, EV_P, HAS_GV)
         p, grad_p, h, partial = _second_order_tiles(q, gq, grad_out, lse, delta, k, gk, v, gv, rows, cols, L, S,
-                                                    scale, IS_CAUSAL, HAS_GQ, HAS_GK, HAS_GV)
+                                                    scale, IS_CAUSAL, HAS_GQ, HAS_GK, HAS_GV, HALF_DOT)
         grad_s, grad_grad_p, grad_grad_s = _second_order_grads(p, grad_p, h, partial, delta, grad_delta, r)
-        grad_grad_out += _mm(grad_grad_p, v)
+        grad_grad_out += _mm(grad_grad_p, v, HALF_DOT)
         if HAS_GV:
-            grad_grad_out += _mm(p, gv)
-        grad_q += _mm(grad_grad_s, k)
+            grad_grad_out += _mm(p, gv, HALF_DOT)
+        grad_q += _mm(grad_grad_s, k, HALF_DOT)
         if HAS_GK:
-            grad_q += _mm(grad_s, gk)
+            grad_q += _mm(grad_s, gk, HALF_DOT)
     _store_tile(grad_grad_out_ptr, b * L * EV, rows, L, EV, EV_P, grad_grad_out)
     _store_tile(grad_q_ptr, b * L * E, rows, L, E, E_P, grad_q * scale)
 
@@ -362,33 +374,33 @@ def _double_backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, gq
 def _double_backward_key_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, gq_ptr, gk_ptr, gv_ptr, stats_ptr,
                                 grad_k_ptr, grad_v_ptr, L, S, E, EV, s_hi, s_mid, s_lo, s_e,
                                 IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr,
-                                HAS_GV: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                                HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """Grad of K = scale · (dSᵀ gQ + g_Sᵀ Q) and grad of V = g_dPᵀ dO, a key block's rows."""
     b = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     scale = join_float(s_hi, s_mid, s_lo, s_e, ACC)
-    k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P, ACC)
-    v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P, ACC)
-    gk = _load_optional(gk_ptr, b * S * E, cols, S, E, E_P, ACC, HAS_GK)
-    gv = _load_optional(gv_ptr, b * S * EV, cols, S, EV, EV_P, ACC, HAS_GV)
+    k = _load_tile(k_ptr, b * S * E, cols, S, E, E_P)
+    v = _load_tile(v_ptr, b * S * EV, cols, S, EV, EV_P)
+    gk = _load_optional(gk_ptr, b * S * E, cols, S, E, E_P, HAS_GK)
+    gv = _load_optional(gv_ptr, b * S * EV, cols, S, EV, EV_P, HAS_GV)
     grad_k = tl.zeros([BLOCK_N, E_P], ACC)
     grad_v = tl.zeros([BLOCK_N, EV_P], ACC)
     for start_m in range(_query_start(start_n, BLOCK_M, IS_CAUSAL), L, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P, ACC)
-        gq = _load_optional(gq_ptr, b * L * E, rows, L, E, E_P, ACC, HAS_GQ)
-        grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P, ACC)
+        q = _load_tile(q_ptr, b * L * E, rows, L, E, E_P)
+        gq = _load_optional(gq_ptr, b * L * E, rows, L, E, E_P, HAS_GQ)
+        grad_out = _load_tile(grad_out_ptr, b * L * EV, rows, L, EV, EV_P)
         lse = tl.load(lse_ptr + b * L + rows, mask=rows < L, other=0)
         delta, grad_delta, r = _load_row_stats(stats_ptr, b, rows, L)
         p, grad_p, h, partial = _second_order_tiles(q, gq, grad_out, lse, delta, k, gk, v, gv, rows, cols, L, S,
-                                                    scale, IS_CAUSAL, HAS_GQ, HAS_GK, HAS_GV)
+                                                    scale, IS_CAUSAL, HAS_GQ, HAS_GK, HAS_GV, HALF_DOT)
         grad_s, grad_grad_p, grad_grad_s = _second_order_grads(p, grad_p, h, partial, delta, grad_delta, r)
-        grad_v += _mm(tl.trans(grad_grad_p), grad_out)
-        grad_k += _mm(tl.trans(grad_grad_s), q)
+        grad_v += _mm(tl.trans(grad_grad_p), grad_out, HALF_DOT)
+        grad_k += _mm(tl.trans(grad_grad_s), q, HALF_DOT)
         if HAS_GQ:
-            grad_k += _mm(tl.trans(grad_s), gq)
+            grad_k += _mm(tl.trans(grad_s), gq, HALF_DOT)
     _store_tile(grad_k_ptr, b * S * E, cols, S, E, E_P, grad_k * scale)
     _store_tile(grad_v_ptr, b * S * EV, cols, S, EV, EV_P, grad_v)
 
@@ -423,7 +435,9 @@ def _check_like(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor, dt
 
 def _launch_config(dtype: torch.dtype, E: int, Ev: int, double_backward: bool = False) -> dict:
     block_m, block_n = _blocks(dtype, double_backward)
-    return dict(ACC=_acc(dtype), BLOCK_M=block_m, BLOCK_N=block_n, E_P=_padded(E), EV_P=_padded(Ev))
+    half_dot = not (dtype == torch.bfloat16 and triton_interpret())
+    return dict(ACC=_acc(dtype), HALF_DOT=half_dot, BLOCK_M=block_m, BLOCK_N=block_n, E_P=_padded(E),
+                EV_P=_padded(Ev))
 
 
 @on_device
