@@ -1,6 +1,7 @@
 """Tests of the kernels of scaled-dot-product attention, to second order: the Triton launchers
-(called directly, on CPU tensors under TRITON_INTERPRET=1) and the CUDA kernels' launch run on
-the CPU (every block and thread), against attention written out here in float64 and
+(called directly: on CPU tensors under TRITON_INTERPRET=1, else on the GPU), the CUDA kernels
+(through their ops, where a GPU is visible) and the CUDA kernels' launch run on the CPU (every
+block and thread), against attention written out here in float64 and
 differentiated by autograd, on the edge cases of the tiling: tails of L and S, causal masks
 with L ≠ S, E ≠ Ev, every float dtype, strided inputs, absent cotangents, and empty sizes.
 
@@ -16,11 +17,22 @@ import torch
 import ganops
 from conftest import assert_within_reference_error, tol
 
-HAS_TRITON = ganops._backend.unavailable_reason("triton", "cpu") is None
+# Triton runs on the GPU where one is visible, else on CPU tensors under the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not ganops._backend.triton_interpret() else "cpu"
 HAS_CPP = ganops._backend.unavailable_reason("cpp", "cpu") is None
-requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run on CPU tensors here "
-                                     "(needs triton and TRITON_INTERPRET=1)")
 requires_cpp = pytest.mark.skipif(not HAS_CPP, reason="the compiled extension is not built")
+
+
+def _kernel_param(kernel, reason):
+    return pytest.param(kernel, id=kernel, marks=pytest.mark.skipif(reason is not None, reason=f"{kernel}: {reason}"))
+
+
+# The kernels run directly: the Triton launchers, and the CUDA kernels through their ops.
+KERNELS = [
+    _kernel_param("triton", ganops._backend.unavailable_reason("triton", TRITON_DEVICE)),
+    _kernel_param("cuda", "needs a CUDA GPU; none is visible" if not torch.cuda.is_available()
+                  else ganops._backend.unavailable_reason("cpp", "cuda")),
+]
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,14 +77,21 @@ def inputs(B, L, S, E, Ev, dtype, seed=0):
              rand(B, S, Ev, dtype=dtype, seed=seed + 6)))
 
 
-def triton_orders(q, k, v, grad_out, cotangents, scale, is_causal):
-    """The three orders from the Triton launchers, each fed the previous one's results."""
-    from ganops.triton_kernels import scaled_dot_product_attention as kernels
-    out, lse = kernels.scaled_dot_product_attention(q, k, v, scale, is_causal)
-    grads = kernels.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, scale, is_causal)
-    second = kernels.scaled_dot_product_attention_double_backward(*cotangents, grad_out, q, k, v, out, lse, scale,
-                                                                  is_causal)
-    return (out, lse), grads, second
+def kernel_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal):
+    """The three orders from `kernel`'s launchers ("triton", or "cuda": the ops on CUDA tensors),
+    each fed the previous one's results; inputs moved to the kernel's device, results back."""
+    device = TRITON_DEVICE if kernel == "triton" else "cuda"
+    q, k, v, grad_out = (t.to(device) for t in (q, k, v, grad_out))
+    cotangents = tuple(None if c is None else c.to(device) for c in cotangents)
+    if kernel == "triton":
+        from ganops.triton_kernels import scaled_dot_product_attention as ops
+    else:
+        ops = torch.ops.ganops
+    out, lse = ops.scaled_dot_product_attention(q, k, v, scale, is_causal)
+    grads = ops.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, scale, is_causal)
+    second = ops.scaled_dot_product_attention_double_backward(*cotangents, grad_out, q, k, v, out, lse, scale,
+                                                              is_causal)
+    return tuple(tuple(t.cpu() for t in order) for order in ((out, lse), grads, second))
 
 
 def launch_check_orders(q, k, v, grad_out, cotangents, scale, is_causal):
@@ -117,53 +136,53 @@ def assert_half_orders(got, q, k, v, grad_out, cotangents):
 # Triton, on the interpreter
 # ---------------------------------------------------------------------------------------
 
-@requires_triton
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=SHAPE_IDS[:3])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_triton_float64(shape, is_causal):
-    """Every order of the Triton kernels equals autograd through the formula, in float64
+def test_float64(kernel, shape, is_causal):
+    """Every order of the kernels equals autograd through the formula, in float64
     (whose tiles are 16 wide: these shapes cross several)."""
     q, k, v, grad_out, cotangents = inputs(*shape, torch.float64)
     scale = 1 / math.sqrt(shape[3])
-    got = triton_orders(q, k, v, grad_out, cotangents, scale, is_causal)
+    got = kernel_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal)
     assert got[0][1].dtype == torch.float64
     assert_orders_close(got, reference_orders(q, k, v, grad_out, cotangents, scale, is_causal), torch.float64)
 
 
-@requires_triton
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=["tails", "over_64"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_triton_float32(shape, is_causal):
+def test_float32(kernel, shape, is_causal):
     """float32 to float32's tolerance of the float64 formula, with float32 logsumexp; the
     64-wide tiles of float32 have tails here."""
     q, k, v, grad_out, cotangents = inputs(*shape, torch.float32)
     scale = 0.3
-    got = triton_orders(q, k, v, grad_out, cotangents, scale, is_causal)
+    got = kernel_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal)
     assert got[0][1].dtype == torch.float32
     assert_orders_close(got, reference_orders(q, k, v, grad_out, cotangents, scale, is_causal), torch.float32)
 
 
-@requires_triton
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_half_within_reference_error(dtype):
+def test_half_within_reference_error(kernel, dtype):
     """Half types within 2× the error of the formula run in that dtype; logsumexp in float32."""
     q, k, v, grad_out, cotangents = inputs(*HALF_SHAPE, dtype)
-    assert_half_orders(triton_orders(q, k, v, grad_out, cotangents, HALF_SCALE, True), q, k, v, grad_out, cotangents)
+    assert_half_orders(kernel_orders(kernel, q, k, v, grad_out, cotangents, HALF_SCALE, True), q, k, v, grad_out, cotangents)
 
 
-@requires_triton
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("present", [(True, False, False), (False, True, False), (False, False, True),
                                      (False, False, False)], ids=["gQ", "gK", "gV", "none"])
-def test_triton_absent_cotangents(present):
+def test_absent_cotangents(kernel, present):
     """None cotangents count as zero (and are not read)."""
     q, k, v, grad_out, cotangents = inputs(2, 19, 23, 6, 5, torch.float64, seed=3)
     cotangents = tuple(c if p else None for c, p in zip(cotangents, present))
-    got = triton_orders(q, k, v, grad_out, cotangents, 0.5, True)
+    got = kernel_orders(kernel, q, k, v, grad_out, cotangents, 0.5, True)
     assert_orders_close(got[2:], reference_orders(q, k, v, grad_out, cotangents, 0.5, True)[2:], torch.float64)
 
 
-@requires_triton
-def test_triton_strided_inputs():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_strided_inputs(kernel):
     """Transposed and sliced views give what their contiguous copies give."""
     B, L, S, E, Ev = 2, 19, 23, 6, 5
     q, k, v, grad_out, cotangents = inputs(B, L, S, E, Ev, torch.float64, seed=5)
@@ -172,21 +191,21 @@ def test_triton_strided_inputs():
     views[2] = rand(B, S, 2 * Ev, seed=9)[..., ::2].copy_(v)
     strided_cotangents = tuple(c.transpose(1, 2).contiguous().transpose(1, 2) for c in cotangents)
     assert not any(t.is_contiguous() for t in (*views, *strided_cotangents))
-    got = triton_orders(*views, strided_cotangents, 0.4, False)
-    want = triton_orders(q, k, v, grad_out, cotangents, 0.4, False)
+    got = kernel_orders(kernel, *views, strided_cotangents, 0.4, False)
+    want = kernel_orders(kernel, q, k, v, grad_out, cotangents, 0.4, False)
     for got_order, want_order in zip(got, want):
         for g, w in zip(got_order, want_order):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-@requires_triton
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", [(2, 4, 0, 3, 5), (2, 0, 6, 3, 5), (0, 4, 6, 3, 5)], ids=["S0", "L0", "B0"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_triton_empty(shape, is_causal):
+def test_empty(kernel, shape, is_causal):
     """S = 0: out = 0, lse = −inf, dQ = 0 and empty dK, dV; L = 0 or B = 0: empty results and
     zero key gradients, as the math backend gives."""
     q, k, v, grad_out, cotangents = inputs(*shape, torch.float64)
-    got = triton_orders(q, k, v, grad_out, cotangents, 0.5, is_causal)
+    got = kernel_orders(kernel, q, k, v, grad_out, cotangents, 0.5, is_causal)
     want = reference_orders(q, k, v, grad_out, cotangents, 0.5, is_causal)
     if shape[2] == 0 and shape[1] > 0:
         assert (got[0][1] == -math.inf).all() and (got[0][0] == 0).all()
@@ -211,11 +230,22 @@ def assert_special_forward(out, lse, q, k, v):
     torch.testing.assert_close(lse, want_lse, **tol(torch.float64), equal_nan=True)
 
 
-@requires_triton
-def test_triton_special_scores():
-    from ganops.triton_kernels import scaled_dot_product_attention as kernels
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_special_scores(kernel):
     q, k, v = special_rows()
-    assert_special_forward(*kernels.scaled_dot_product_attention(q, k, v, 0.5, False), q, k, v)
+    (forward, _, _) = kernel_orders(kernel, q, k, v, torch.zeros(1, 5, 3, dtype=torch.float64), (None,) * 3, 0.5,
+                                    False)
+    assert_special_forward(*forward, q, k, v)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rejects_bad_shapes(kernel):
+    """Errors name the argument (ValueError from the Triton launchers, RuntimeError from the ops)."""
+    q, k, v, grad_out, cotangents = inputs(1, 4, 5, 3, 2, torch.float64)
+    with pytest.raises((ValueError, RuntimeError), match="value must be"):
+        kernel_orders(kernel, q, k, v[:, :4], grad_out, (None,) * 3, 0.5, False)
+    with pytest.raises((ValueError, RuntimeError), match="grad_grad_key must"):
+        kernel_orders(kernel, q, k, v, grad_out, (None, k[:, :2], None), 0.5, False)
 
 
 # ---------------------------------------------------------------------------------------

@@ -415,10 +415,13 @@ def _sizes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple
         raise ValueError(f"query, key and value must be 3-D (B, L, E), (B, S, E), (B, S, Ev), got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     B, L, E = query.shape
-    S, Ev = value.shape[1], value.shape[2]
-    if key.shape != (B, S, E) or value.shape[0] != B:
-        raise ValueError(f"key must be (B, S, E) = ({B}, S, {E}) and value (B, S, Ev) with key's S, got shapes "
-                         f"{tuple(key.shape)} and {tuple(value.shape)}")
+    S, Ev = key.shape[1], value.shape[2]
+    if key.shape[0] != B or key.shape[2] != E:
+        raise ValueError(f"key must be (B, S, E) with query's B and E, got query {tuple(query.shape)} and key "
+                         f"{tuple(key.shape)}")
+    if value.shape[0] != B or value.shape[1] != key.shape[1]:
+        raise ValueError(f"value must be (B, S, Ev) with query's B and key's S, got key {tuple(key.shape)} and value "
+                         f"{tuple(value.shape)}")
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype or t.device != query.device:
             raise ValueError(f"{name} must have query's dtype {query.dtype} and device {query.device}, got "
