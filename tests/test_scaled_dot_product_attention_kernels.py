@@ -77,21 +77,31 @@ def inputs(B, L, S, E, Ev, dtype, seed=0):
              rand(B, S, Ev, dtype=dtype, seed=seed + 6)))
 
 
-def kernel_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal):
-    """The three orders from `kernel`'s launchers ("triton", or "cuda": the ops on CUDA tensors),
-    each fed the previous one's results; inputs moved to the kernel's device, results back."""
-    device = TRITON_DEVICE if kernel == "triton" else "cuda"
-    q, k, v, grad_out = (t.to(device) for t in (q, k, v, grad_out))
-    cotangents = tuple(None if c is None else c.to(device) for c in cotangents)
+def _ops(kernel):
     if kernel == "triton":
         from ganops.triton_kernels import scaled_dot_product_attention as ops
-    else:
-        ops = torch.ops.ganops
+        return ops
+    return torch.ops.ganops
+
+
+def device_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal):
+    """The three orders from `kernel`'s launchers ("triton", or "cuda": the ops on CUDA
+    tensors), each fed the previous one's results, on the inputs' device."""
+    ops = _ops(kernel)
     out, lse = ops.scaled_dot_product_attention(q, k, v, scale, is_causal)
     grads = ops.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, scale, is_causal)
     second = ops.scaled_dot_product_attention_double_backward(*cotangents, grad_out, q, k, v, out, lse, scale,
                                                               is_causal)
-    return tuple(tuple(t.cpu() for t in order) for order in ((out, lse), grads, second))
+    return (out, lse), grads, second
+
+
+def kernel_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal):
+    """device_orders with the inputs moved to the kernel's device and the results back."""
+    device = TRITON_DEVICE if kernel == "triton" else "cuda"
+    q, k, v, grad_out = (t.to(device) for t in (q, k, v, grad_out))
+    cotangents = tuple(None if c is None else c.to(device) for c in cotangents)
+    got = device_orders(kernel, q, k, v, grad_out, cotangents, scale, is_causal)
+    return tuple(tuple(t.cpu() for t in order) for order in got)
 
 
 def launch_check_orders(q, k, v, grad_out, cotangents, scale, is_causal):
@@ -246,6 +256,26 @@ def test_rejects_bad_shapes(kernel):
         kernel_orders(kernel, q, k, v[:, :4], grad_out, (None,) * 3, 0.5, False)
     with pytest.raises((ValueError, RuntimeError), match="grad_grad_key must"):
         kernel_orders(kernel, q, k, v, grad_out, (None, k[:, :2], None), 0.5, False)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_graph_capture(kernel):
+    """The three orders launch without a host synchronisation: a CUDA graph captures them, and
+    its replay gives the eager results to the bit."""
+    if kernel == "triton" and TRITON_DEVICE != "cuda":
+        pytest.skip("needs a CUDA GPU: the Triton kernels run interpreted on CPU tensors here")
+    q, k, v, grad_out, cotangents = (t.cuda() if isinstance(t, torch.Tensor) else tuple(c.cuda() for c in t)
+                                     for t in inputs(2, 37, 45, 8, 8, torch.float32))
+    want = device_orders(kernel, q, k, v, grad_out, cotangents, 0.3, True)  # also compiles the Triton kernels
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = device_orders(kernel, q, k, v, grad_out, cotangents, 0.3, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got_order, want_order in zip(got, want):
+        for g, w in zip(got_order, want_order):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
