@@ -8,8 +8,9 @@ program per (b, query block), looping over key blocks; CUDA: a block per query r
 column-side (a program per (b, key block), looping over query blocks; CUDA: a block per key
 row), so each output element is written by one program and no atomics are needed
 (deterministic). b is the grid's first axis, whose limit is 2^31 − 1 (the second's is 65535).
-Unlike CUDA's, the forward is one pass (an online softmax, where CUDA computes lse first). No tile larger than BLOCK_M × BLOCK_N is ever formed; the tiles of P are
-recomputed from the saved logsumexp.
+Unlike CUDA's, the forward is one pass (an online softmax, where CUDA computes lse first). No
+tile larger than BLOCK_M × BLOCK_N is ever formed; the tiles of P are recomputed from the saved
+logsumexp.
 
 - forward: row-side, online softmax; stores O and lse.
 - backward: the row statistic D_i = Σ_c dO_ic O_ic, then dK, dV column-side and dQ row-side:
@@ -146,8 +147,8 @@ def _row_dot(a_ptr, b_ptr, base, rows, L, WIDTH, WIDTH_P: tl.constexpr, ACC: tl.
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, L, S, E, EV, s_hi, s_mid, s_lo, s_e,
-                    IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    E_P: tl.constexpr, EV_P: tl.constexpr):
+                    IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -223,7 +224,8 @@ def _backward_key_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, 
 
 @triton.jit
 def _backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, grad_q_ptr, L, S, E, EV, s_hi,
-                           s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr,
+                           BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """dQ of a query block, over the key blocks it sees."""
     b = tl.program_id(0).to(tl.int64)
@@ -281,7 +283,8 @@ def _second_order_tiles(q, gq, grad_out, lse, delta, k, gk, v, gv, rows, cols, L
 @triton.jit
 def _row_stats_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, gq_ptr, gk_ptr, gv_ptr, stats_ptr, L, S,
                       E, EV, s_hi, s_mid, s_lo, s_e, IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr,
-                      HAS_GK: tl.constexpr, HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      HAS_GK: tl.constexpr, HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr,
+                      BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """(D, gD, R) of each query row, at stats[0 | 1 | 2, b, i]: D_i = Σ_c dO_ic O_ic,
     gD_i = −Σ_j P_ij H_ij, R_i = Σ_j P_ij (dO gVᵀ + H ∘ (dP − D))_ij + gD_i · D_i."""
@@ -337,7 +340,8 @@ def _second_order_grads(p, grad_p, h, partial, delta, grad_delta, r):
 def _double_backward_query_kernel(grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, gq_ptr, gk_ptr, gv_ptr, stats_ptr,
                                   grad_grad_out_ptr, grad_q_ptr, L, S, E, EV, s_hi, s_mid, s_lo, s_e,
                                   IS_CAUSAL: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr,
-                                  HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  HAS_GV: tl.constexpr, ACC: tl.constexpr, HALF_DOT: tl.constexpr,
+                                  BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, E_P: tl.constexpr, EV_P: tl.constexpr):
     """Grad of dO = P gV + g_dP V and grad of Q = scale · (dS gK + g_S K), a query block's rows."""
     b = tl.program_id(0).to(tl.int64)

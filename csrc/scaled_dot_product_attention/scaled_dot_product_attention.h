@@ -197,7 +197,8 @@ template <typename Acc, typename T, typename Block>
 GANOPS_HD Acc block_row_dot(const Block& block, SharedTile<Acc>& sh, const T* a, const T* b, int64_t width) {
   block.run([&](int tid) {
     Acc sum = Acc(0);
-    for_each_thread_element(width, tid, kThreads, [&](int64_t c) { sum += static_cast<Acc>(a[c]) * static_cast<Acc>(b[c]); });
+    for_each_thread_element(width, tid, kThreads,
+                            [&](int64_t c) { sum += static_cast<Acc>(a[c]) * static_cast<Acc>(b[c]); });
     sh.term[0][tid] = sum;
   });
   block_tree(block, [&](int dst, int src) { sh.term[0][dst] += sh.term[0][src]; });
