@@ -18,8 +18,10 @@
 // tiles of kThreads: thread t computes the pair terms of key j0 + t into shared memory, then
 // each thread adds the tile into the output column it owns (a pass per kThreads columns). A
 // column-side block does the same over the queries that see its key. Row statistics are
-// per-thread partial sums over keys t, t + kThreads, ... combined by block.h's tree. No
-// L × S tensor exists; per-thread state is a few scalars. Indices are 64-bit.
+// per-thread partial sums over keys t, t + kThreads, ... combined in block.h's tree order
+// (block_tree). No L × S tensor exists; per-thread state is a few scalars. Indices are 64-bit.
+// Simple over fast (not yet run on a GPU): every block reads its partners' rows of K and V (or
+// Q and dO) from global memory (L2) itself, with no tile shared between query rows.
 //
 // A block program takes a Block whose run(f) calls f(tid) for every thread and then
 // synchronises the block: the CUDA kernel's Block runs its own thread and __syncthreads(), the
