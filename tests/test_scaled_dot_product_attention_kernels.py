@@ -223,6 +223,17 @@ def test_empty(kernel, shape, is_causal):
     assert_orders_close(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_no_features_with_the_default_infinite_scale(kernel, is_causal):
+    """E = 0: every score is the empty sum 0, so P is uniform over the visible keys, even with
+    the default scale 1/√0 = inf (torch's math path scales q, which has no elements)."""
+    q, k, v, grad_out, cotangents = inputs(2, 5, 6, 0, 3, torch.float64)
+    got = kernel_orders(kernel, q, k, v, grad_out, cotangents, math.inf, is_causal)
+    want = reference_orders(q, k, v, grad_out, cotangents, 1.0, is_causal)
+    assert_orders_close(got, want, torch.float64)
+
+
 def special_rows():
     """q, k, v whose query rows 0, 1, 2 score −inf, +inf and NaN against every key (k > 0);
     the other rows are finite."""

@@ -440,6 +440,13 @@ def _check_like(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor, dt
                          f"on {t.device}")
 
 
+def _score_scale(scale: float, E: int) -> tuple:
+    """The scale as the kernels take it (split_float's pieces). With E = 0 every score is an empty
+    sum, 0 whatever the scale, as torch's math path gives; the default scale 1/√E is then inf,
+    and inf · 0 would make it NaN."""
+    return split_float(0.0 if E == 0 else scale)
+
+
 def _launch_config(dtype: torch.dtype, E: int, Ev: int, double_backward: bool = False) -> dict:
     block_m, block_n = _blocks(dtype, double_backward)
     half_dot = not (dtype == torch.bfloat16 and triton_interpret())
@@ -458,7 +465,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if B * L == 0:
         return out, lse
     config = _launch_config(q.dtype, E, Ev)
-    _forward_kernel[(B, triton.cdiv(L, config["BLOCK_M"]))](q, k, v, out, lse, L, S, E, Ev, *split_float(scale),
+    _forward_kernel[(B, triton.cdiv(L, config["BLOCK_M"]))](q, k, v, out, lse, L, S, E, Ev, *_score_scale(scale, E),
                                                             IS_CAUSAL=bool(is_causal), **config)
     return out, lse
 
@@ -477,7 +484,7 @@ def scaled_dot_product_attention_backward(grad_out: torch.Tensor, query: torch.T
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), logsumexp.contiguous()
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     config = _launch_config(q.dtype, E, Ev)
-    common = (L, S, E, Ev, *split_float(scale))
+    common = (L, S, E, Ev, *_score_scale(scale, E))
     delta = q.new_empty((B, L), dtype=_acc_torch(q.dtype))
     if B * L > 0:
         grid = (B, triton.cdiv(L, config["BLOCK_M"]))
@@ -522,7 +529,7 @@ def scaled_dot_product_attention_double_backward(grad_grad_query: torch.Tensor |
     flags = dict(IS_CAUSAL=bool(is_causal), HAS_GQ=cotangents[0] is not None, HAS_GK=cotangents[1] is not None,
                  HAS_GV=cotangents[2] is not None)
     config = _launch_config(q.dtype, E, Ev, double_backward=True)
-    common = (L, S, E, Ev, *split_float(scale))
+    common = (L, S, E, Ev, *_score_scale(scale, E))
     stats = q.new_empty((3, B, L), dtype=_acc_torch(q.dtype))
     if B * L > 0:
         grid = (B, triton.cdiv(L, config["BLOCK_M"]))

@@ -582,7 +582,9 @@ Operands<T, acc_t<T>> make_operands(const Sizes& n, double scale, const at::Tens
           data_or_null<T>(cotangents[2]),
           data_or_null<Acc>(lse),
           n,
-          static_cast<Acc>(scale)};
+          // With E = 0 every score is an empty sum, 0 whatever the scale (torch's math path);
+          // the default scale 1/√E is then inf, and inf · 0 would make it NaN.
+          static_cast<Acc>(n.E == 0 ? 0.0 : scale)};
 }
 
 }  // namespace ganops::scaled_dot_product_attention
