@@ -88,16 +88,23 @@ inline Acc dot(const T* a, const T* b, int64_t n) {
   }
 }
 
-// t[i] = (W x)[i] for rows [begin, end): row i is the segments (a, i) of `inner` contiguous
-// elements, a = 0 .. outer - 1.
+// t[i] = (W x)[i] for rows [begin, end), slab by slab: slab a (the weight's a-th block of
+// rows x inner elements) holds these rows as one contiguous run, so the weight streams in its
+// own memory order whatever dim is. Each t[i] adds its slabs' dot products in slab order, as a
+// row-by-row loop would. With inner = 1 (a 2-D weight read with dim = 1: the matrix stored
+// transposed) the run is an axpy, t += x_a * slab a's rows.
 template <typename T, typename Acc>
 inline void mat_vec_rows(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end, Acc* t) {
-  for (int64_t i = begin; i < end; ++i) {
-    Acc acc = Acc(0);
-    for (int64_t a = 0; a < s.outer; ++a) {
-      acc += dot<T, Acc>(w + (a * s.rows + i) * s.inner, x + a * s.inner, s.inner);
+  for (int64_t i = begin; i < end; ++i) t[i] = Acc(0);
+  for (int64_t a = 0; a < s.outer; ++a) {
+    const T* slab = w + a * s.rows * s.inner;
+    const T* xa = x + a * s.inner;
+    if (s.inner == 1) {
+      const Acc xv = Acc(xa[0]);
+      for (int64_t i = begin; i < end; ++i) t[i] += Acc(slab[i]) * xv;
+    } else {
+      for (int64_t i = begin; i < end; ++i) t[i] += dot<T, Acc>(slab + i * s.inner, xa, s.inner);
     }
-    t[i] = acc;
   }
 }
 
@@ -135,15 +142,21 @@ inline void scale_range(const T* w, int64_t n, Acc inv, T* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(Acc(w[k]) * inv);
 }
 
-// dW = G / sigma - coef u v^T over segments [begin, end), segment (a, i) = a * rows + i.
+// dW = G / sigma - coef u v^T over segments [begin, end), segment (a, i) = a * rows + i: one
+// division per run of rows within a slab, none per element.
 template <typename T, typename Acc>
 inline void grad_segments(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin, int64_t end,
                           Acc inv, Acc coef, T* out) {
-  for (int64_t seg = begin; seg < end; ++seg) {
-    const Acc cu = coef * Acc(u[seg % s.rows]);
-    const T* vs = v + (seg / s.rows) * s.inner;
-    const int64_t k0 = seg * s.inner;
-    for (int64_t b = 0; b < s.inner; ++b) out[k0 + b] = static_cast<T>(Acc(g[k0 + b]) * inv - cu * Acc(vs[b]));
+  for (int64_t seg = begin; seg < end;) {
+    const int64_t a = seg / s.rows, i0 = seg % s.rows;
+    const int64_t i1 = std::min(s.rows, i0 + (end - seg));
+    const T* va = v + a * s.inner;
+    for (int64_t i = i0; i < i1; ++i) {
+      const Acc cu = coef * Acc(u[i]);
+      const int64_t k0 = (a * s.rows + i) * s.inner;
+      for (int64_t b = 0; b < s.inner; ++b) out[k0 + b] = static_cast<T>(Acc(g[k0 + b]) * inv - cu * Acc(va[b]));
+    }
+    seg += i1 - i0;
   }
 }
 
@@ -164,17 +177,36 @@ Acc sum_sq(const Acc* x, int64_t n) {
   return run_leaf([&] { return dot<Acc, Acc>(x, x, n); });
 }
 
-// t = W x, parallel over rows.
+// Rows per W x task when the weight has several slabs (dim > 0): each task then reads runs of
+// kRowBlock rows, 1 KiB at inner = 1. Blocks start at fixed multiples, so each row's
+// arithmetic (vector body or tail) does not depend on the thread count.
+constexpr int64_t kRowBlock = 256;
+
+// t = W x, a task per block of rows (a row per block for dim 0: one slab).
 template <typename T, typename Acc>
 void mat_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
-  at::parallel_for(0, s.rows, grain_for(s.cols()), [&](int64_t begin, int64_t end) {
-    run_leaf([&] { mat_vec_rows<T, Acc>(w, x, s, begin, end, t); });
+  const int64_t block = s.outer == 1 ? 1 : kRowBlock;
+  at::parallel_for(0, ceil_div(s.rows, block), grain_for(block * s.cols()), [&](int64_t begin, int64_t end) {
+    run_leaf([&] {
+      for (int64_t b = begin; b < end; ++b) {
+        mat_vec_rows<T, Acc>(w, x, s, b * block, std::min(s.rows, (b + 1) * block), t);
+      }
+    });
   });
 }
 
-// t = W^T x, one task per (a, block of kColBlock columns of segment a).
+// t = W^T x. With inner = 1, column a is slab a, contiguous: a task per column, one dot
+// product each. Otherwise a task per (a, block of kColBlock columns of slab a).
 template <typename T, typename Acc>
 void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
+  if (s.inner == 1) {
+    at::parallel_for(0, s.outer, grain_for(s.rows), [&](int64_t begin, int64_t end) {
+      run_leaf([&] {
+        for (int64_t a = begin; a < end; ++a) t[a] = dot<T, Acc>(w + a * s.rows, x, s.rows);
+      });
+    });
+    return;
+  }
   const int64_t blocks = ceil_div(s.inner, kColBlock);
   at::parallel_for(0, s.outer * blocks, grain_for(s.rows * kColBlock), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
