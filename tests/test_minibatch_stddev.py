@@ -17,6 +17,7 @@ from torch import nn
 
 import ganops
 from conftest import assert_within_reference_error, backend_params, tol
+from triton_index_math import int32_index_math, record_index_math
 
 BACKENDS = backend_params()
 HAS_CPP = ganops._backend.unavailable_reason("cpp", "cpu") is None
@@ -248,6 +249,20 @@ def test_every_derivative_order_within_twice_stylegans_float32_error(device, bac
                 assert_within_reference_error(a.cpu(), r.cpu(), e, torch.float32)
             except AssertionError as error:
                 raise AssertionError(f"derivative order {order}, seed {seed}: {error}") from None
+
+
+@pytest.mark.skipif(not ganops._backend.triton_interpret(), reason="reads the Triton interpreter's arithmetic")
+def test_triton_index_math_is_64_bit():
+    """Every pointer offset and integer product of the Triton kernels is int64, so none wraps
+    past 2^31 elements (the products F · L and F · S of a sample's size, and G · S, were int32);
+    the interpreter shows the dtypes, without a tensor that large."""
+    pytest.importorskip("triton")
+    x = rand(8, 6, 5, 3).float().requires_grad_(True)
+    with record_index_math() as seen:
+        out = ganops.minibatch_stddev(x, 4, 2, backend="triton")
+        out.backward(torch.ones_like(out))
+    assert len(seen) > 100
+    assert int32_index_math(seen) == []
 
 
 # ---------------------------------------------------------------------------------------

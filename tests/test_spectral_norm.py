@@ -1,11 +1,8 @@
 """Spectral normalization: every backend against torch.nn.utils.parametrizations.spectral_norm
 and an independent float64 computation."""
 
-import contextlib
 import copy
-from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +12,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 import ganops
 from ganops import _ext
 from conftest import assert_within_reference_error, backend_params, tol
+from triton_index_math import int32_index_math, record_index_math
 
 ALL = backend_params()
 CPU = backend_params(("cpu",))
@@ -575,32 +573,6 @@ def test_triton_column_partials_fit_cuda_grid_limits():
     n_a_tiles, n_b_tiles, grid = kernels.col_partial_grid((1, rows, 300))
     assert len(grid) == 1 and grid[0] <= kernels.MAX_GRID_X
     assert grid[0] == n_a_tiles * n_b_tiles * 65536 and (n_a_tiles, n_b_tiles) == (1, 2)
-
-
-@contextlib.contextmanager
-def record_index_math():
-    """Yields a list that collects, while interpreted Triton kernels run, the integer dtypes
-    of every pointer offset and of every integer product they compute."""
-    from triton.runtime import interpreter
-    builder = interpreter.InterpreterBuilder
-    seen = []
-    create_mul, create_addptr = builder.create_mul, builder.create_addptr
-
-    def mul(self, lhs, rhs):
-        seen.append(("product", lhs.data.dtype, rhs.data.dtype))
-        return create_mul(self, lhs, rhs)
-
-    def addptr(self, ptr, offset):
-        seen.append(("offset", offset.data.dtype))
-        return create_addptr(self, ptr, offset)
-
-    with mock.patch.object(builder, "create_mul", mul), mock.patch.object(builder, "create_addptr", addptr):
-        yield seen
-
-
-def int32_index_math(seen):
-    """The entries of record_index_math's list that used an int32."""
-    return sorted({entry for entry in seen if any(d == np.int32 for d in entry[1:] if d.kind in "iu")}, key=str)
 
 
 @pytest.mark.skipif(not ganops._backend.triton_interpret(), reason="reads the Triton interpreter's arithmetic")
