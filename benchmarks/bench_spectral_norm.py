@@ -1,11 +1,11 @@
 """Spectral normalization against torch's parametrization and torch's older hook API.
 
-The weight cases: one timed call is one training step of the parametrized weight, the
+The weight cases: one timed call is one training step of a parametrized weight, the
 forward (one power iteration, updating u and v in place, then W / sigma) and the backward of
 a fixed gradient into W. The layer cases: one forward + backward of a whole layer (or of a
 small SNGAN-style discriminator, as StudioGAN builds it) under the hook API
-(ganops.nn.utils.spectral_norm against torch.nn.utils.spectral_norm), or a ConvTranspose2d
-(normalised along dim 1) under the parametrization. Before each call, untimed, u and v are
+(ganops.nn.utils.spectral_norm against torch.nn.utils.spectral_norm). A ConvTranspose2d's
+weight, normalised along dim 1, is one of the weight cases. Before each call, untimed, u and v are
 restored and the gradients cleared, so every call does the same work from the same state.
 """
 
@@ -58,10 +58,12 @@ def _impl(label, module, register, grad_out, compiled=False):
     return Impl(label, step, reset, outputs)
 
 
-def _case(rows, cols, device, name, speedup=2.0):
+def _case(rows, cols, device, name, speedup=2.0, make=None):
+    """A weight's training step under the parametrization: a bare (rows, cols) weight, or
+    make()'s layer's weight."""
     torch.manual_seed(0)
-    base = _Weight(rows, cols, device)
-    grad_out = torch.randn(rows, cols, device=device)
+    base = make().to(device) if make else _Weight(rows, cols, device)
+    grad_out = torch.randn_like(base.weight)
 
     def fresh():
         return copy.deepcopy(base)
@@ -79,15 +81,12 @@ def _hook_vectors(module):
     return [buf for name, buf in module.named_buffers() if name.endswith(("weight_u", "weight_v"))]
 
 
-def _parametrization_vectors(module):
-    return [buf for name, buf in module.named_buffers() if name.endswith(("._u", "._v"))]
-
-
-def _layer_impl(label, module, register, vectors, x, grad_out):
-    """One forward + backward of ``module`` (spectral norm registered by ``register``) on x."""
+def _layer_impl(label, module, register, x, grad_out):
+    """One forward + backward of ``module`` (hook-API spectral norm registered by ``register``)
+    on x."""
     torch.manual_seed(1)
     register(module)
-    initial = [buf.clone() for buf in vectors(module)]
+    initial = [buf.clone() for buf in _hook_vectors(module)]
     params = list(module.parameters())
 
     def step():
@@ -98,11 +97,11 @@ def _layer_impl(label, module, register, vectors, x, grad_out):
     def reset():
         for p in params:
             p.grad = None
-        for buf, value in zip(vectors(module), initial):
+        for buf, value in zip(_hook_vectors(module), initial):
             buf.copy_(value)
 
     def outputs(out):
-        return (out.detach(), *[p.grad for p in params], *vectors(module))
+        return (out.detach(), *[p.grad for p in params], *_hook_vectors(module))
 
     return Impl(label, step, reset, outputs)
 
@@ -155,31 +154,12 @@ def _hook_case(make, input_shape, device, name, speedup):
         grad_out = torch.randn_like(base(x))
 
     def hook_impl(label, register):
-        return _layer_impl(label, copy.deepcopy(base), lambda m: _sn_layers(m, register), _hook_vectors, x, grad_out)
+        return _layer_impl(label, copy.deepcopy(base), lambda m: _sn_layers(m, register), x, grad_out)
 
     impls = [hook_impl(f"ganops {b}", lambda m, b=b: ganops_hook_spectral_norm(m, backend=b))
              for b in ganops.available_backends(device)]
     return Case(op="spectral_norm", name=name, device=device, reference=hook_impl("torch hook", torch_hook_spectral_norm),
                 impls=impls, rtol=1e-4, atol=1e-5, targets=[Target("ganops cpp", ("torch hook",), speedup)])
-
-
-def _conv_transpose_case(device, speedup=1.5):
-    """ConvTranspose2d(512, 256, 4, 2, 1) under the parametrization: its weight (512, 256, 4, 4)
-    is normalised along dim 1."""
-    torch.manual_seed(0)
-    base = nn.ConvTranspose2d(512, 256, 4, 2, 1).to(device)
-    x = torch.randn(1, 512, 4, 4, device=device)
-    with torch.no_grad():
-        grad_out = torch.randn_like(base(x))
-
-    def impl(label, register):
-        return _layer_impl(label, copy.deepcopy(base), register, _parametrization_vectors, x, grad_out)
-
-    impls = [impl(f"ganops {b}", lambda m, b=b: ganops.spectral_norm(m, backend=b))
-             for b in ganops.available_backends(device)]
-    return Case(op="spectral_norm", name="ConvTranspose2d(512, 256, 4, 2, 1) dim=1, input (1, 512, 4, 4), fwd+bwd",
-                device=device, reference=impl("torch parametrization", torch_spectral_norm), impls=impls,
-                rtol=1e-4, atol=1e-5, targets=[Target("ganops cpp", ("torch parametrization",), speedup)])
 
 
 def cases(device: str) -> list[Case]:
@@ -193,7 +173,8 @@ def cases(device: str) -> list[Case]:
                    "hook API: Conv2d(512, 512, 3), input (2, 512, 4, 4), fwd+bwd", 1.5),
         _hook_case(lambda: nn.Conv2d(64, 128, 4, 2, 1), (4, 64, 16, 16), device,
                    "hook API: Conv2d(64, 128, 4, 2, 1), input (4, 64, 16, 16), fwd+bwd", 1.0),
-        _conv_transpose_case(device),
+        _case(None, None, device, "ConvTranspose2d(512, 256, 4, 2, 1) weight (512, 256, 4, 4), dim=1, fwd+bwd", 1.5,
+              make=lambda: nn.ConvTranspose2d(512, 256, 4, 2, 1)),
         _hook_case(_Discriminator, (4, 3, 32, 32), device,
                    "hook API: SNGAN discriminator (3 residual blocks, 128 ch), input (4, 3, 32, 32), fwd+bwd", 1.0),
     ]
