@@ -158,8 +158,9 @@ def _hook_case(make, input_shape, device, name, speedup):
 
     impls = [hook_impl(f"ganops {b}", lambda m, b=b: ganops_hook_spectral_norm(m, backend=b))
              for b in ganops.available_backends(device)]
-    return Case(op="spectral_norm", name=name, device=device, reference=hook_impl("torch hook", torch_hook_spectral_norm),
-                impls=impls, rtol=1e-4, atol=1e-5, targets=[Target("ganops cpp", ("torch hook",), speedup)])
+    reference = hook_impl("torch hook", torch_hook_spectral_norm)
+    return Case(op="spectral_norm", name=name, device=device, reference=reference, impls=impls, rtol=1e-4, atol=1e-5,
+                targets=[Target("ganops cpp", ("torch hook",), speedup)])
 
 
 def cases(device: str) -> list[Case]:
