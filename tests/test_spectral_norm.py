@@ -12,6 +12,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 import ganops
 from ganops import _ext
 from conftest import assert_within_reference_error, backend_params, tol
+from triton_index_math import int32_index_math, record_index_math
 
 ALL = backend_params()
 CPU = backend_params(("cpu",))
@@ -346,7 +347,8 @@ def test_compiled_ops_check_their_inputs():
 
 @pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
 @pytest.mark.parametrize("shape,dim", [((70, 300), 0), ((16, 3, 3, 3), 0), ((5, 130, 3, 3), 1),
-                                       ((3, 4, 2, 5), 2), ((129, 4097), 0)])
+                                       ((3, 4, 2, 5), 2), ((129, 4097), 0), ((300, 70), 1), ((2, 3, 70), 2),
+                                       ((4097, 129), 1)])
 def test_cuda_launch_covers_every_element_once(shape, dim):
     g = torch.Generator().manual_seed(9)
     w = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -356,7 +358,7 @@ def test_cuda_launch_covers_every_element_once(shape, dim):
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
     visits, u1, v1, sigma, w_sn, dw = torch.ops.ganops._spectral_norm_cuda_launch_check(w, u, v, grad, dim, 1e-12)
     assert visits.shape == (4, w.numel())
-    for launch, name in enumerate(["row dot", "column partial", "scale", "backward dot"]):
+    for launch, name in enumerate(["W v", "W^T u", "scale", "backward dot"]):
         assert visits[launch].min().item() == 1 and visits[launch].max().item() == 1, \
             f"{name}: an element was skipped or visited twice"
     exact_w, exact_sigma, exact_u, exact_v = exact_spectral_normalize(w, u, v, dim, True)
@@ -564,13 +566,33 @@ def test_float64_eps_is_exact_on_every_backend(device, backend):
 
 def test_triton_column_partials_fit_cuda_grid_limits():
     """Row chunks rode on grid axis 1, which CUDA caps at 65535 (4.2 M rows); the column
-    partials now use a 1-D grid of every (column block, row chunk)."""
+    partials now use a 1-D grid of every (column tile, row chunk)."""
     pytest.importorskip("triton")
     from ganops.triton_kernels import spectral_norm as kernels
     rows = 65535 * kernels.ROWS_PER_CHUNK + 1
-    n_col_blocks, grid = kernels.col_partial_grid(rows, 300)
+    n_a_tiles, n_b_tiles, grid = kernels.col_partial_grid((1, rows, 300))
     assert len(grid) == 1 and grid[0] <= kernels.MAX_GRID_X
-    assert grid[0] == n_col_blocks * 65536 and n_col_blocks == 2
+    assert grid[0] == n_a_tiles * n_b_tiles * 65536 and (n_a_tiles, n_b_tiles) == (1, 2)
+
+
+@pytest.mark.skipif(not ganops._backend.triton_interpret(), reason="reads the Triton interpreter's arithmetic")
+@pytest.mark.parametrize("shape,dim", [((70, 300), 0), ((300, 70), 1), ((5, 130, 3, 3), 1)])
+def test_triton_index_math_is_64_bit(shape, dim):
+    """Every pointer offset and every integer product of the Triton kernels (forward, eval
+    mode, backward) is int64, so none wraps past 2^31 elements. A weight that large does not
+    fit this machine; the interpreter shows the dtypes the arithmetic runs in (this found the
+    int32 products r * cols of the partials' index and rows * inner of the backward's)."""
+    pytest.importorskip("triton")
+    w = torch.randn(shape, requires_grad=True)
+    rows = shape[dim]
+    u = F.normalize(torch.randn(rows), dim=0)
+    v = F.normalize(torch.randn(w.numel() // rows), dim=0)
+    with record_index_math() as seen:
+        w_sn, sigma = ganops.spectral_normalize(w, u, v, dim=dim, backend="triton")
+        (w_sn.sum() + sigma).backward()
+        ganops.spectral_normalize(w.detach(), u, v, dim=dim, training=False, backend="triton")
+    assert len(seen) > 100
+    assert int32_index_math(seen) == []
 
 
 def test_triton_launchers_make_the_tensors_device_current():

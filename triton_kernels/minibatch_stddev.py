@@ -80,7 +80,7 @@ def _stats_kernel(x_ptr, partials_ptr, G, MF, L, n_chunks, e_hi, e_mid, e_lo, e_
         mask = idx < length
         _, std = _column_stats(x_ptr, jf * L + start + idx, mask, G, group_stride, eps, ACC)
         acc += tl.where(mask, std, 0)
-    tl.store(partials_ptr + tl.program_id(0), tl.sum(acc, 0))
+    tl.store(partials_ptr + tl.program_id(0).to(tl.int64), tl.sum(acc, 0))
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _finish_kernel(partials_ptr, stat_ptr, MF, L, n_chunks, ACC: tl.constexpr, B
     mask = jf < MF
     acc = tl.zeros([BLOCK], ACC)
     for q in range(0, n_chunks):
-        acc += tl.load(partials_ptr + jf * n_chunks + q, mask=mask, other=0)
+        acc += tl.load(partials_ptr + (jf * n_chunks + q), mask=mask, other=0)
     tl.store(stat_ptr + jf, div_rn(acc, tl.cast(L, ACC)), mask=mask)
 
 
@@ -98,12 +98,12 @@ def _output_kernel(x_ptr, stat_ptr, out_ptr, total, M, F, L, S, BLOCK: tl.conste
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = o < total
     x_numel = tl.cast(F, tl.int64) * L
-    per_sample = x_numel + F * S
+    per_sample = x_numel + tl.cast(F, tl.int64) * S
     n = o // per_sample
     r = o - n * per_sample
     from_x = r < x_numel
-    xv = tl.load(x_ptr + n * x_numel + r, mask=mask & from_x, other=0)
-    sv = tl.load(stat_ptr + (n % M) * F + (r - x_numel) // S, mask=mask & (r >= x_numel), other=0)
+    xv = tl.load(x_ptr + (n * x_numel + r), mask=mask & from_x, other=0)
+    sv = tl.load(stat_ptr + ((n % M) * F + (r - x_numel) // S), mask=mask & (r >= x_numel), other=0)
     tl.store(out_ptr + o, tl.where(from_x, xv, sv.to(out_ptr.dtype.element_ty)), mask=mask)
 
 
@@ -112,12 +112,14 @@ def _stat_grad_kernel(grad_ptr, k_ptr, G, M, F, L, S, ACC: tl.constexpr, BLOCK: 
     jf = tl.program_id(0).to(tl.int64)
     j = jf // F
     f = jf - j * F
-    per_sample = tl.cast(F, tl.int64) * L + F * S
+    x_numel = tl.cast(F, tl.int64) * L
+    per_sample = x_numel + tl.cast(F, tl.int64) * S
+    group_numel = tl.cast(G, tl.int64) * S
     acc = tl.zeros([BLOCK], ACC)
-    for i in range(0, G * S, BLOCK):
+    for i in range(0, group_numel, BLOCK):
         t = i + tl.arange(0, BLOCK).to(tl.int64)
         g = t // S
-        acc += tl.load(grad_ptr + (g * M + j) * per_sample + F * L + f * S + (t - g * S), mask=t < G * S,
+        acc += tl.load(grad_ptr + ((g * M + j) * per_sample + x_numel + f * S + (t - g * S)), mask=t < group_numel,
                        other=0).to(ACC)
     tl.store(k_ptr + jf, div_rn(tl.sum(acc, 0), tl.cast(L, ACC)))
 
@@ -129,7 +131,7 @@ def _backward_kernel(grad_ptr, x_ptr, k_ptr, grad_x_ptr, G, M, F, L, S, n_chunks
     eps = join_float(e_hi, e_mid, e_lo, e_e, ACC)
     j = jf // F
     f = jf - j * F
-    per_sample = tl.cast(F, tl.int64) * L + F * S
+    per_sample = tl.cast(F, tl.int64) * (L + S)
     group_stride = tl.cast(M, tl.int64) * F * L
     k = tl.load(k_ptr + jf)
     for i in range(0, length, BLOCK):
@@ -140,7 +142,8 @@ def _backward_kernel(grad_ptr, x_ptr, k_ptr, grad_x_ptr, G, M, F, L, S, n_chunks
         scale = div_rn(k, tl.cast(G, ACC) * std)
         for g in range(0, G):
             y = tl.load(x_ptr + g * group_stride + column, mask=mask, other=0).to(ACC)
-            go = tl.load(grad_ptr + (g * M + j) * per_sample + f * L + start + idx, mask=mask, other=0).to(ACC)
+            go = tl.load(grad_ptr + ((tl.cast(g, tl.int64) * M + j) * per_sample + f * L + start + idx), mask=mask,
+                         other=0).to(ACC)
             tl.store(grad_x_ptr + g * group_stride + column, (go + scale * (y - mean)).to(grad_x_ptr.dtype.element_ty),
                      mask=mask)
 

@@ -3,12 +3,20 @@
 // The weight (any rank >= 2, contiguous) is read in place as the matrix torch builds with
 // weight.permute(dim, ...).flatten(1), without that copy: with
 //   outer = prod(sizes before dim), rows = size(dim), inner = prod(sizes after dim),
-// matrix element (i, j), j = a * inner + b, lives at offset (a * rows + i) * inner + b. For
-// dim = 0, outer = 1 and the matrix is the weight's own row-major layout.
+// matrix element (i, j), j = a * inner + b, lives at offset (a * rows + i) * inner + b: slab a
+// of the weight is the rows x inner block (a, :, :). For dim = 0, outer = 1 and the matrix is
+// the weight's own row-major layout. With inner = 1 and several slabs (a 2-D weight read with
+// dim = 1, as the hook API reads it) the matrix is stored transposed: the (outer x rows)
+// matrix in memory has W's columns as its rows (stored_shape).
 //
 // One power iteration: t = W v, u = t / max(|t|, eps); s = W^T u, v = s / max(|s|, eps).
 // Then sigma = u^T W v = s . s / max(|s|, eps): the norm already computed stands in for the
 // third matrix-vector product torch spends.
+//
+// A matrix-vector product is one of two passes over the stored matrix, each reading it in
+// its own memory order: row dots (the stored rows) or column sums (row-chunk partials of
+// every column, combined in chunk order). W v and W^T u are the row dots and the column sums
+// of W, or, stored transposed, the column sums and the row dots of the stored matrix.
 //
 // CUDA launches (the per-thread work of each lives here, so a CPU test can run it for every
 // block and thread, see spectral_norm_launch_check.cpp):
@@ -16,7 +24,10 @@
 //   col_partial_kernel grid (ceil(cols/kThreads), ceil(rows/kRowsPerChunk)):
 //                      thread (bx, r, tid): partial[r][j] of column j = bx * kThreads + tid
 //                      over rows [r * kRowsPerChunk, ...)
-//   finishing kernels  one block: combine, norm, normalise (fixed order: deterministic)
+//   combine_kernel     grid ceil(n/kChunkSize): the partials of chunk c's entries added in
+//                      chunk order (none after row dots), and chunk c's sum of squares
+//   normalize_kernel   grid ceil(n/kChunkSize): every block adds the chunks' sums of squares in
+//                      the same order, and scales its chunk by the clamped norm
 //   elementwise        grid-stride over the weight's elements, chunk per block
 #pragma once
 
@@ -50,10 +61,8 @@ struct MatrixShape {
 
   GANOPS_HD int64_t cols() const { return outer * inner; }
   GANOPS_HD int64_t numel() const { return outer * rows * inner; }
-  // Offset of matrix element (i, j) in the weight.
-  GANOPS_HD int64_t offset(int64_t i, int64_t j) const {
-    return ((j / inner) * rows + i) * inner + j % inner;
-  }
+  // Offset of column j's element in row 0: the column's elements follow at steps of inner.
+  GANOPS_HD int64_t column_offset(int64_t j) const { return (j / inner) * rows * inner + j % inner; }
   // Row of the weight's k-th element.
   // Index: the integer type of the division. The CUDA kernels use uint32_t whenever the
   // weight has fewer than 2^32 elements: 64-bit division is a subroutine call, around which
@@ -85,11 +94,29 @@ GANOPS_HD Acc sigma_from_sum_sq(Acc sum_sq, double eps) {
   return sum_sq / clamped_norm(sum_sq, eps);
 }
 
+// Whether the matrix is stored transposed (inner = 1, several slabs), and the matrix as
+// stored: W itself, or the (outer x rows) matrix whose rows are W's columns.
+GANOPS_HD bool stored_transposed(MatrixShape s) { return s.inner == 1 && s.outer > 1; }
+GANOPS_HD MatrixShape stored_shape(MatrixShape s) {
+  return stored_transposed(s) ? MatrixShape{1, s.outer, s.rows} : s;
+}
+
 // Columns of row i that thread tid of nthreads visits: tid, tid + nthreads, ... (coalesced
-// for dim 0).
+// for dim 0); f(j, offset of element (i, j)). j = a * inner + b is stepped as (a, b): one
+// division per thread, none per element.
 template <typename F>
-GANOPS_HD void for_each_row_element(MatrixShape s, int tid, int nthreads, F&& f) {
-  for (int64_t j = tid; j < s.cols(); j += nthreads) f(j);
+GANOPS_HD void for_each_row_element(MatrixShape s, int64_t i, int tid, int nthreads, F&& f) {
+  const int64_t step_a = nthreads / s.inner, step_b = nthreads % s.inner;
+  int64_t a = tid / s.inner, b = tid % s.inner;
+  for (int64_t j = tid; j < s.cols(); j += nthreads) {
+    f(j, (a * s.rows + i) * s.inner + b);
+    a += step_a;
+    b += step_b;
+    if (b >= s.inner) {
+      b -= s.inner;
+      ++a;
+    }
+  }
 }
 
 // Rows of column j's row-chunk r: [r * kRowsPerChunk, min((r + 1) * kRowsPerChunk, rows)).
@@ -104,15 +131,16 @@ GANOPS_HD void for_each_chunk_row(MatrixShape s, int64_t r, F&& f) {
 template <typename T, typename Acc>
 GANOPS_HD Acc row_dot_thread(const T* w, const T* x, MatrixShape s, int64_t i, int tid, int nthreads) {
   Acc acc = Acc(0);
-  for_each_row_element(s, tid, nthreads, [&](int64_t j) { acc += Acc(w[s.offset(i, j)]) * Acc(x[j]); });
+  for_each_row_element(s, i, tid, nthreads, [&](int64_t j, int64_t k) { acc += Acc(w[k]) * Acc(x[j]); });
   return acc;
 }
 
 // Row-chunk r's part of (W^T x)[j], in row order.
 template <typename T, typename Acc>
 GANOPS_HD Acc col_partial_thread(const T* w, const T* x, MatrixShape s, int64_t j, int64_t r) {
+  const T* column = w + s.column_offset(j);
   Acc acc = Acc(0);
-  for_each_chunk_row(s, r, [&](int64_t i) { acc += Acc(w[s.offset(i, j)]) * Acc(x[i]); });
+  for_each_chunk_row(s, r, [&](int64_t i) { acc += Acc(column[i * s.inner]) * Acc(x[i]); });
   return acc;
 }
 
@@ -123,14 +151,6 @@ template <typename Acc>
 GANOPS_HD Acc combine_col_partials(const Acc* partials, int64_t cols, int64_t n_chunks, int64_t j) {
   Acc acc = Acc(0);
   for (int64_t r = 0; r < n_chunks; ++r) acc += partials[r * cols + j];
-  return acc;
-}
-
-// Thread tid's share of a length-n sum of squares (the finishing blocks' norms).
-template <typename Acc>
-GANOPS_HD Acc sum_sq_thread(const Acc* x, int64_t n, int tid, int nthreads) {
-  Acc acc = Acc(0);
-  for (int64_t k = tid; k < n; k += nthreads) acc += x[k] * x[k];
   return acc;
 }
 
@@ -164,6 +184,27 @@ GANOPS_HD Acc grad_dot_thread(const T* g, const T* w, int64_t numel, int64_t c, 
   Acc acc = Acc(0);
   for_each_chunk_element(numel, c, tid, nthreads, [&](int64_t k) { acc += Acc(g[k]) * Acc(w[k]); });
   return acc;
+}
+
+// Thread tid's part of the combining pass over chunk c of a length-n vector: out[j] = column
+// j's n_row_chunks partials added in chunk order (n_row_chunks = 1, out = partials: the
+// vector as it is); returns the sum of squares of its entries.
+template <typename Acc>
+GANOPS_HD Acc combine_thread(const Acc* partials, int64_t n_row_chunks, int64_t n, Acc* out, int64_t c, int tid,
+                             int nthreads) {
+  Acc acc = Acc(0);
+  for_each_chunk_element(n, c, tid, nthreads, [&](int64_t j) {
+    const Acc value = combine_col_partials(partials, n, n_row_chunks, j);
+    out[j] = value;
+    acc += value * value;
+  });
+  return acc;
+}
+
+// Thread tid's part of normalising chunk c: out = x / denom.
+template <typename T, typename Acc>
+GANOPS_HD void normalize_thread(const Acc* x, int64_t n, Acc denom, T* out, int64_t c, int tid, int nthreads) {
+  for_each_chunk_element(n, c, tid, nthreads, [&](int64_t j) { out[j] = static_cast<T>(x[j] / denom); });
 }
 
 // The backward's coefficient of u v^T: <G, W> / sigma^2 - grad_sigma, so that

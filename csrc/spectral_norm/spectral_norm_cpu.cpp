@@ -1,9 +1,12 @@
 // CPU kernels of spectral normalization.
 //
-// W x runs row by row (at::parallel_for over rows, each row one vectorised dot product);
-// W^T x runs over blocks of columns, each block accumulating every row in order into a
-// small array that stays in L1. Every output element is made by one task in a fixed order,
-// and the norms are sequential, so results are bit-identical whatever the thread count.
+// Both matrix-vector products read the stored matrix in its own memory order: W x as row dot
+// products (at::parallel_for over rows, each a vectorised dot product; slab by slab when the
+// weight has several), W^T x over blocks of columns, each block accumulating every row in
+// order into a small array that stays in L1. A matrix stored transposed (spectral_norm.h:
+// the hook API's dim = 1 view) swaps the two. Every output element is made by one task in a
+// fixed order, and the norms are sequential, so results are bit-identical whatever the
+// thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -88,16 +91,17 @@ inline Acc dot(const T* a, const T* b, int64_t n) {
   }
 }
 
-// t[i] = (W x)[i] for rows [begin, end): row i is the segments (a, i) of `inner` contiguous
-// elements, a = 0 .. outer - 1.
+// t[i] = (W x)[i] for rows [begin, end), slab by slab: slab a (the weight's a-th block of
+// rows x inner elements) holds these rows as one contiguous run, so the weight streams in its
+// own memory order (dim > 0 on a conv weight). Each t[i] adds its slabs' dot products in slab
+// order, as a row-by-row loop would.
 template <typename T, typename Acc>
 inline void mat_vec_rows(const T* w, const T* x, MatrixShape s, int64_t begin, int64_t end, Acc* t) {
-  for (int64_t i = begin; i < end; ++i) {
-    Acc acc = Acc(0);
-    for (int64_t a = 0; a < s.outer; ++a) {
-      acc += dot<T, Acc>(w + (a * s.rows + i) * s.inner, x + a * s.inner, s.inner);
-    }
-    t[i] = acc;
+  for (int64_t i = begin; i < end; ++i) t[i] = Acc(0);
+  for (int64_t a = 0; a < s.outer; ++a) {
+    const T* slab = w + a * s.rows * s.inner;
+    const T* xa = x + a * s.inner;
+    for (int64_t i = begin; i < end; ++i) t[i] += dot<T, Acc>(slab + i * s.inner, xa, s.inner);
   }
 }
 
@@ -135,15 +139,28 @@ inline void scale_range(const T* w, int64_t n, Acc inv, T* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(Acc(w[k]) * inv);
 }
 
-// dW = G / sigma - coef u v^T over segments [begin, end), segment (a, i) = a * rows + i.
+// dW = G / sigma - coef u v^T over segments [begin, end), segment (a, i) = a * rows + i: one
+// division per run of rows within a slab, none per element. With inner = 1 (stored
+// transposed) a run is one vectorisable loop over its rows.
 template <typename T, typename Acc>
 inline void grad_segments(const T* g, const T* u, const T* v, MatrixShape s, int64_t begin, int64_t end,
                           Acc inv, Acc coef, T* out) {
-  for (int64_t seg = begin; seg < end; ++seg) {
-    const Acc cu = coef * Acc(u[seg % s.rows]);
-    const T* vs = v + (seg / s.rows) * s.inner;
-    const int64_t k0 = seg * s.inner;
-    for (int64_t b = 0; b < s.inner; ++b) out[k0 + b] = static_cast<T>(Acc(g[k0 + b]) * inv - cu * Acc(vs[b]));
+  for (int64_t seg = begin; seg < end;) {
+    const int64_t a = seg / s.rows, i0 = seg % s.rows;
+    const int64_t i1 = std::min(s.rows, i0 + (end - seg));
+    const T* va = v + a * s.inner;
+    if (s.inner == 1) {
+      const Acc v0 = Acc(va[0]);
+      const int64_t k0 = a * s.rows;
+      for (int64_t i = i0; i < i1; ++i) out[k0 + i] = static_cast<T>(Acc(g[k0 + i]) * inv - coef * Acc(u[i]) * v0);
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        const Acc cu = coef * Acc(u[i]);
+        const int64_t k0 = (a * s.rows + i) * s.inner;
+        for (int64_t b = 0; b < s.inner; ++b) out[k0 + b] = static_cast<T>(Acc(g[k0 + b]) * inv - cu * Acc(va[b]));
+      }
+    }
+    seg += i1 - i0;
   }
 }
 
@@ -164,15 +181,24 @@ Acc sum_sq(const Acc* x, int64_t n) {
   return run_leaf([&] { return dot<Acc, Acc>(x, x, n); });
 }
 
-// t = W x, parallel over rows.
+// Rows per W x task when the weight has several slabs (dim > 0): each task then reads runs of
+// kRowBlock rows of every slab.
+constexpr int64_t kRowBlock = 256;
+
+// t = W x, a task per block of rows (a row per block for dim 0: one slab).
 template <typename T, typename Acc>
 void mat_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
-  at::parallel_for(0, s.rows, grain_for(s.cols()), [&](int64_t begin, int64_t end) {
-    run_leaf([&] { mat_vec_rows<T, Acc>(w, x, s, begin, end, t); });
+  const int64_t block = s.outer == 1 ? 1 : kRowBlock;
+  at::parallel_for(0, ceil_div(s.rows, block), grain_for(block * s.cols()), [&](int64_t begin, int64_t end) {
+    run_leaf([&] {
+      for (int64_t b = begin; b < end; ++b) {
+        mat_vec_rows<T, Acc>(w, x, s, b * block, std::min(s.rows, (b + 1) * block), t);
+      }
+    });
   });
 }
 
-// t = W^T x, one task per (a, block of kColBlock columns of segment a).
+// t = W^T x, one task per (a, block of kColBlock columns of slab a).
 template <typename T, typename Acc>
 void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
   const int64_t blocks = ceil_div(s.inner, kColBlock);
@@ -184,6 +210,17 @@ void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
       run_leaf([&] { mat_t_vec_block<T, Acc>(w, x, s, a, b0, len, t + a * s.inner + b0); });
     }
   });
+}
+
+// out = W x, or W^T x with `transpose`, as passes over the stored matrix: W's own, or for a
+// matrix stored transposed the stored matrix's, swapped.
+template <typename T, typename Acc>
+void product(const T* w, const T* x, MatrixShape s, bool transpose, Acc* out) {
+  if (transpose != stored_transposed(s)) {
+    mat_t_vec<T, Acc>(w, x, stored_shape(s), out);
+  } else {
+    mat_vec<T, Acc>(w, x, stored_shape(s), out);
+  }
 }
 
 // out = t / max(|t|, eps), as torch.nn.functional.normalize; returns |t|^2.
@@ -205,16 +242,16 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
   std::vector<Acc> t(s.rows);
   Acc sigma;
   if (n_iter == 0) {
-    mat_vec<T, Acc>(wp, vp, s, t.data());
+    product<T, Acc>(wp, vp, s, false, t.data());
     std::vector<Acc> uu(up, up + s.rows);
     sigma = run_leaf([&] { return dot<Acc, Acc>(uu.data(), t.data(), s.rows); });
   } else {
     std::vector<Acc> c(s.cols());
     Acc ss = Acc(0);
     for (int64_t it = 0; it < n_iter; ++it) {
-      mat_vec<T, Acc>(wp, vp, s, t.data());
+      product<T, Acc>(wp, vp, s, false, t.data());
       normalize_into<T, Acc>(t.data(), s.rows, eps, up);
-      mat_t_vec<T, Acc>(wp, up, s, c.data());
+      product<T, Acc>(wp, up, s, true, c.data());
       ss = normalize_into<T, Acc>(c.data(), s.cols(), eps, vp);
     }
     sigma = sigma_from_sum_sq(ss, eps);

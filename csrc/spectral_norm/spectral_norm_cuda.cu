@@ -1,11 +1,13 @@
 // CUDA kernels of spectral normalization.
 //
-// One power iteration is four launches: row_dot_kernel (t = W v, a block per row),
-// normalize_rows_kernel (one block: u = t / max(|t|, eps)), col_partial_kernel (W^T u as
-// row-chunk partials per column, no atomics) and finish_cols_kernel (one block: combine the
-// partials in chunk order, v = s / max(|s|, eps), sigma = |s|^2 / max(|s|, eps)). Every sum
-// has a fixed order, so results are deterministic. The scale and the backward read sigma
-// and the backward's coefficient from device memory: nothing waits on the host.
+// One power iteration is two matrix-vector products, each a pass over the stored matrix
+// (row_dot_kernel, a block per row, or col_partial_kernel, row-chunk partials per column, no
+// atomics) and combine_kernel (partials added in chunk order, and each chunk's sum of
+// squares), then normalize_kernel (every block adds those sums in one order and scales its
+// chunk; block 0 writes sigma = |s|^2 / max(|s|, eps)). A matrix stored transposed swaps the
+// two passes (spectral_norm.h). Every sum has a fixed order, so results are deterministic.
+// The scale and the backward read sigma and the backward's coefficient from device memory:
+// nothing waits on the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -30,30 +32,25 @@ __global__ void __launch_bounds__(kThreads) row_dot_kernel(const T* w, const T* 
 }
 
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) normalize_rows_kernel(const Acc* t, int64_t rows, double eps, T* u) {
-  const Acc denom = clamped_norm(block_sum<kThreads>(sum_sq_thread(t, rows, threadIdx.x, kThreads)), eps);
-  for (int64_t i = threadIdx.x; i < rows; i += kThreads) u[i] = static_cast<T>(t[i] / denom);
-}
-
-template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) col_partial_kernel(const T* w, const T* x, MatrixShape s, Acc* partials) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t r = blockIdx.y;
   if (j < s.cols()) partials[r * s.cols() + j] = col_partial_thread<T, Acc>(w, x, s, j, r);
 }
 
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(const Acc* partials, int64_t n_row_chunks, int64_t n, Acc* out, Acc* sum_sq) {
+  const Acc ss = block_sum<kThreads>(combine_thread(partials, n_row_chunks, n, out, blockIdx.x, threadIdx.x, kThreads));
+  if (threadIdx.x == 0) sum_sq[blockIdx.x] = ss;
+}
+
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
-    finish_cols_kernel(Acc* partials, int64_t cols, int64_t n_row_chunks, double eps, T* v, Acc* sigma) {
-  // Thread tid owns columns tid, tid + kThreads, ...: it reads their partials before it
-  // overwrites row 0 with the combined value, so no other thread's data is touched.
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    partials[j] = combine_col_partials(partials, cols, n_row_chunks, j);
-  }
-  const Acc ss = block_sum<kThreads>(sum_sq_thread(partials, cols, threadIdx.x, kThreads));
-  const Acc denom = clamped_norm(ss, eps);
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) v[j] = static_cast<T>(partials[j] / denom);
-  if (threadIdx.x == 0) *sigma = sigma_from_sum_sq(ss, eps);
+    normalize_kernel(const Acc* x, int64_t n, const Acc* sum_sq, int64_t n_chunks, double eps, T* out, Acc* sigma) {
+  const Acc ss = block_sum<kThreads>(sum_thread(sum_sq, n_chunks, threadIdx.x, kThreads));
+  normalize_thread(x, n, clamped_norm(ss, eps), out, blockIdx.x, threadIdx.x, kThreads);
+  if (sigma != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *sigma = sigma_from_sum_sq(ss, eps);
 }
 
 template <typename T, typename Acc>
@@ -93,17 +90,55 @@ __global__ void __launch_bounds__(kThreads)
                          [&](int64_t k) { out[k] = grad_weight_element<T, Acc, Index>(g, u, v, s, k, inv, c); });
 }
 
+// out = the stored matrix s times x (row dots), and out's chunk sums of squares.
+template <typename T, typename Acc>
+void row_dots(const T* w, MatrixShape s, const T* x, Acc* out, Acc* sum_sq, cudaStream_t stream) {
+  row_dot_kernel<T, Acc><<<s.rows, kThreads, 0, stream>>>(w, x, s, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  combine_kernel<Acc><<<ceil_div(s.rows, kChunkSize), kThreads, 0, stream>>>(out, 1, s.rows, out, sum_sq);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out = the stored matrix s transposed times x (column sums), and out's chunk sums of squares.
+template <typename T, typename Acc>
+void col_sums(const T* w, MatrixShape s, const T* x, Acc* partials, Acc* out, Acc* sum_sq, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.cols(), kThreads)), static_cast<unsigned>(row_chunks(s.rows)));
+  col_partial_kernel<T, Acc><<<grid, kThreads, 0, stream>>>(w, x, s, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  combine_kernel<Acc><<<ceil_div(s.cols(), kChunkSize), kThreads, 0, stream>>>(partials, row_chunks(s.rows),
+                                                                             s.cols(), out, sum_sq);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out = x / max(|x|, eps) (and *sigma = |x|^2 / max(|x|, eps) unless sigma is null).
+template <typename T, typename Acc>
+void normalize(const Acc* x, int64_t n, const Acc* sum_sq, double eps, T* out, Acc* sigma, cudaStream_t stream) {
+  const int64_t n_chunks = ceil_div(n, kChunkSize);
+  normalize_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(x, n, sum_sq, n_chunks, eps, out, sigma);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cuda(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
   ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
   const MatrixShape s = in.s;
-  TORCH_CHECK(row_chunks(s.rows) <= 65535, "spectral_norm (CUDA): size(dim) must be at most ",
-              65535 * kRowsPerChunk, ", got ", s.rows);
+  const MatrixShape stored = stored_shape(s);
+  const bool transposed = stored_transposed(s);
+  TORCH_CHECK(row_chunks(stored.rows) <= 65535, "spectral_norm (CUDA): the weight's ",
+              transposed ? "column count (numel / size(dim))" : "size(dim)", " must be at most ",
+              65535 * kRowsPerChunk, ", got ", stored.rows);
   c10::cuda::CUDAGuard guard(weight.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
   at::Tensor sigma = at::empty({}, acc_opts);
+  // t = W v and s = W^T u, their chunk sums of squares, and the column partials.
   at::Tensor t = at::empty({s.rows}, acc_opts);
+  at::Tensor t_sum_sq = at::empty({ceil_div(s.rows, kChunkSize)}, acc_opts);
+  at::Tensor c = at::empty({n_power_iterations > 0 ? s.cols() : 0}, acc_opts);
+  at::Tensor c_sum_sq = at::empty({ceil_div(s.cols(), kChunkSize)}, acc_opts);
+  // Column sums run in every iteration, and in eval mode for a matrix stored transposed.
+  const bool sums_columns = n_power_iterations > 0 || transposed;
+  at::Tensor partials = at::empty({sums_columns ? row_chunks(stored.rows) * stored.cols() : 0}, acc_opts);
   at::Tensor out = at::empty_like(in.w);
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cuda", [&] {
     using T = scalar_t;
@@ -112,26 +147,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
     T* up = in.u.data_ptr<T>();
     T* vp = in.v.data_ptr<T>();
     Acc* tp = t.data_ptr<Acc>();
+    Acc* cp = c.data_ptr<Acc>();
     Acc* sp = sigma.data_ptr<Acc>();
+    Acc* pp = partials.data_ptr<Acc>();
+    Acc* t_ss = t_sum_sq.data_ptr<Acc>();
+    Acc* c_ss = c_sum_sq.data_ptr<Acc>();
+    // W v and W^T u, each read in the stored matrix's own memory order.
+    auto mat_vec = [&](const T* x) {
+      if (transposed) {
+        col_sums<T, Acc>(wp, stored, x, pp, tp, t_ss, stream);
+      } else {
+        row_dots<T, Acc>(wp, s, x, tp, t_ss, stream);
+      }
+    };
+    auto mat_t_vec = [&](const T* x) {
+      if (transposed) {
+        row_dots<T, Acc>(wp, stored, x, cp, c_ss, stream);
+      } else {
+        col_sums<T, Acc>(wp, s, x, pp, cp, c_ss, stream);
+      }
+    };
     if (n_power_iterations == 0) {
-      row_dot_kernel<T, Acc><<<s.rows, kThreads, 0, stream>>>(wp, vp, s, tp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      mat_vec(vp);
       eval_sigma_kernel<T, Acc><<<1, kThreads, 0, stream>>>(up, tp, s.rows, sp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const int64_t n_row_chunks = row_chunks(s.rows);
-    at::Tensor partials = at::empty({n_power_iterations > 0 ? n_row_chunks * s.cols() : 0}, acc_opts);
-    Acc* pp = partials.data_ptr<Acc>();
-    const dim3 col_grid(static_cast<unsigned>(ceil_div(s.cols(), kThreads)), static_cast<unsigned>(n_row_chunks));
     for (int64_t it = 0; it < n_power_iterations; ++it) {
-      row_dot_kernel<T, Acc><<<s.rows, kThreads, 0, stream>>>(wp, vp, s, tp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      normalize_rows_kernel<T, Acc><<<1, kThreads, 0, stream>>>(tp, s.rows, eps, up);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      col_partial_kernel<T, Acc><<<col_grid, kThreads, 0, stream>>>(wp, up, s, pp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finish_cols_kernel<T, Acc><<<1, kThreads, 0, stream>>>(pp, s.cols(), n_row_chunks, eps, vp, sp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      mat_vec(vp);
+      normalize<T, Acc>(tp, s.rows, t_ss, eps, up, nullptr, stream);
+      mat_t_vec(up);
+      normalize<T, Acc>(cp, s.cols(), c_ss, eps, vp, sp, stream);
     }
     scale_kernel<T, Acc><<<ceil_div(s.numel(), kChunkSize), kThreads, 0, stream>>>(wp, s.numel(), sp,
                                                                                  out.data_ptr<T>());

@@ -18,6 +18,62 @@ namespace {
 
 using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The launches of one matrix-vector product over the stored matrix s, block by block and
+// thread by thread: row dots (row_dot_kernel) or column sums (col_partial_kernel over
+// (column block, row chunk)), then combine_kernel. Writes out, returns the chunks' sums of
+// squares; visit(k) counts each weight element read.
+template <typename T, typename Acc>
+std::vector<Acc> emulate_product(const T* w, MatrixShape s, const T* x, bool by_rows, Acc* out,
+                                 const Coverage& visits) {
+  std::vector<Acc> partials;
+  int64_t n = s.rows, n_row_chunks = 1;
+  if (by_rows) {
+    for (int64_t i = 0; i < s.rows; ++i) {
+      out[i] = emulate_block<kThreads, Acc>([&](int tid) {
+        for_each_row_element(s, i, tid, kThreads, [&](int64_t, int64_t k) { visits.visit(k); });
+        return row_dot_thread<T, Acc>(w, x, s, i, tid, kThreads);
+      });
+    }
+  } else {
+    n = s.cols();
+    n_row_chunks = row_chunks(s.rows);
+    partials.resize(n_row_chunks * n);
+    for (int64_t bx = 0; bx < ceil_div(n, kThreads); ++bx) {
+      for (int64_t r = 0; r < n_row_chunks; ++r) {
+        for (int tid = 0; tid < kThreads; ++tid) {
+          const int64_t j = bx * kThreads + tid;
+          if (j >= n) continue;
+          partials[r * n + j] = col_partial_thread<T, Acc>(w, x, s, j, r);
+          for_each_chunk_row(s, r, [&](int64_t i) { visits.visit(s.column_offset(j) + i * s.inner); });
+        }
+      }
+    }
+  }
+  const Acc* source = by_rows ? out : partials.data();
+  std::vector<Acc> sum_sq(ceil_div(n, kChunkSize));
+  for (int64_t c = 0; c < static_cast<int64_t>(sum_sq.size()); ++c) {
+    sum_sq[c] = emulate_block<kThreads, Acc>(
+        [&](int tid) { return combine_thread(source, n_row_chunks, n, out, c, tid, kThreads); });
+  }
+  return sum_sq;
+}
+
+// normalize_kernel's blocks: out = x / max(|x|, eps); returns |x|^2 as every block adds it.
+template <typename T, typename Acc>
+Acc emulate_normalize(const Acc* x, int64_t n, const std::vector<Acc>& sum_sq, double eps, T* out) {
+  const int64_t n_chunks = static_cast<int64_t>(sum_sq.size());
+  Acc ss = Acc(0);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    ss = emulate_block<kThreads, Acc>([&](int tid) { return sum_thread(sum_sq.data(), n_chunks, tid, kThreads); });
+    const Acc denom = clamped_norm(ss, eps);
+    emulate_block<kThreads, Acc>([&](int tid) {
+      normalize_thread(x, n, denom, out, c, tid, kThreads);
+      return Acc(0);
+    });
+  }
+  return ss;
+}
+
 template <typename T>
 LaunchCheck launch_check_impl(const at::Tensor& w, const at::Tensor& u_in, const at::Tensor& v_in,
                               const at::Tensor& g, MatrixShape s, double eps) {
@@ -25,7 +81,7 @@ LaunchCheck launch_check_impl(const at::Tensor& w, const at::Tensor& u_in, const
   const int64_t n = s.numel();
   const int64_t cols = s.cols();
   const Coverage visits({4, n});
-  const Coverage row_visits = visits, col_visits = visits.from(n), scale_visits = visits.from(2 * n),
+  const Coverage mat_vec_visits = visits, mat_t_vec_visits = visits.from(n), scale_visits = visits.from(2 * n),
                  dot_visits = visits.from(3 * n);
   at::Tensor u = u_in.clone();
   at::Tensor v = v_in.clone();
@@ -34,40 +90,16 @@ LaunchCheck launch_check_impl(const at::Tensor& w, const at::Tensor& u_in, const
   T* up = u.data_ptr<T>();
   T* vp = v.data_ptr<T>();
 
-  // row_dot_kernel: block i per row; then normalize_rows_kernel, one block.
-  std::vector<Acc> t(s.rows);
-  for (int64_t i = 0; i < s.rows; ++i) {
-    t[i] = emulate_block<kThreads, Acc>([&](int tid) {
-      for_each_row_element(s, tid, kThreads, [&](int64_t j) { row_visits.visit(s.offset(i, j)); });
-      return row_dot_thread<T, Acc>(wp, vp, s, i, tid, kThreads);
-    });
-  }
-  const Acc u_denom = clamped_norm(
-      emulate_block<kThreads, Acc>([&](int tid) { return sum_sq_thread(t.data(), s.rows, tid, kThreads); }), eps);
-  for (int64_t i = 0; i < s.rows; ++i) up[i] = static_cast<T>(t[i] / u_denom);
-
-  // col_partial_kernel over (column block, row chunk), one partial per thread; then
-  // finish_cols_kernel, one block.
-  const int64_t n_row_chunks = row_chunks(s.rows);
-  std::vector<Acc> partials(n_row_chunks * cols);
-  for (int64_t bx = 0; bx < ceil_div(cols, kThreads); ++bx) {
-    for (int64_t r = 0; r < n_row_chunks; ++r) {
-      for (int tid = 0; tid < kThreads; ++tid) {
-        const int64_t j = bx * kThreads + tid;
-        if (j >= cols) continue;
-        partials[r * cols + j] = col_partial_thread<T, Acc>(wp, up, s, j, r);
-        for_each_chunk_row(s, r, [&](int64_t i) { col_visits.visit(s.offset(i, j)); });
-      }
-    }
-  }
-  const Acc ss = emulate_block<kThreads, Acc>([&](int tid) {
-    for (int64_t j = tid; j < cols; j += kThreads) {
-      partials[j] = combine_col_partials(partials.data(), cols, n_row_chunks, j);
-    }
-    return sum_sq_thread(partials.data(), cols, tid, kThreads);
-  });
-  const Acc v_denom = clamped_norm(ss, eps);
-  for (int64_t j = 0; j < cols; ++j) vp[j] = static_cast<T>(partials[j] / v_denom);
+  // W v, then u; W^T u, then v and sigma: row dots and column sums of the stored matrix,
+  // swapped when it is stored transposed.
+  const MatrixShape stored = stored_shape(s);
+  const bool transposed = stored_transposed(s);
+  std::vector<Acc> w_v(s.rows), wt_u(cols);
+  const std::vector<Acc> w_v_sum_sq = emulate_product<T, Acc>(wp, stored, vp, !transposed, w_v.data(), mat_vec_visits);
+  emulate_normalize(w_v.data(), s.rows, w_v_sum_sq, eps, up);
+  const std::vector<Acc> wt_u_sum_sq =
+      emulate_product<T, Acc>(wp, stored, up, transposed, wt_u.data(), mat_t_vec_visits);
+  const Acc ss = emulate_normalize(wt_u.data(), cols, wt_u_sum_sq, eps, vp);
   const Acc sigma = sigma_from_sum_sq(ss, eps);
 
   // scale_kernel and the backward's grad_dot_kernel, a chunk per block; grad_finish_kernel,
@@ -112,7 +144,8 @@ LaunchCheck cuda_launch_check(const at::Tensor& weight, const at::Tensor& u, con
 // Runs the CUDA kernels' per-thread functions for every block and thread of the launches
 // the CUDA host code would choose, for one power iteration, the scale and the backward
 // with gradient `grad`. Returns (visits [4, numel]: times each element was read by the
-// row-dot, column-partial, scale and backward-dot launches; u, v, sigma, W / sigma, dW).
+// launches of W v, of W^T u, of the scale and of the backward's dot product; u, v, sigma,
+// W / sigma, dW).
 GANOPS_LAUNCH_CHECK_OP("_spectral_norm_cuda_launch_check(Tensor weight, Tensor u, Tensor v, Tensor grad, int dim, "
                        "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)

@@ -186,19 +186,22 @@ def _vectors(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _weights(device, dtype):
-    # 2-D, a conv weight normalised along dim 0 and along dim 1, rows past one row chunk, and
-    # a weight large enough for the CPU kernels to split every pass across threads.
-    shapes_dims = [((8, 6), 0), ((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1), ((130, 5), 0), ((64, 2048), 0)]
+    # 2-D, a conv weight normalised along dim 0 and along dim 1, rows past one row chunk, a
+    # weight large enough for the CPU kernels to split every pass across threads, and a 2-D
+    # weight read with dim 1 (stored transposed, as the hook API reads every weight) with
+    # rows past one CPU row block and columns past one row chunk of the stored matrix.
+    shapes_dims = [((8, 6), 0), ((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1), ((130, 5), 0), ((64, 2048), 0),
+                   ((300, 600), 1)]
     return [(torch.randn(shape, device=device, dtype=dtype), dim) for shape, dim in shapes_dims]
 
 
 def _forward_examples(device, dtype):
-    return [(w, *_vectors(w, dim), dim, n, 1e-12) for (w, dim), n in zip(_weights(device, dtype), (1, 3, 0, 1, 2))]
+    return [(w, *_vectors(w, dim), dim, n, 1e-12) for (w, dim), n in zip(_weights(device, dtype), (1, 3, 0, 1, 2, 1))]
 
 
 def _backward_examples(device, dtype):
     out = []
-    for (w, dim), with_grad_sigma in zip(_weights(device, dtype), (False, True, True, False, True)):
+    for (w, dim), with_grad_sigma in zip(_weights(device, dtype), (False, True, True, False, True, True)):
         u, v = _vectors(w, dim)
         _, sigma, u, v = spectral_norm_forward_reference(w, u, v, dim, 2, 1e-12)
         grad_sigma = torch.randn((), device=device, dtype=sigma.dtype) if with_grad_sigma else None
