@@ -415,6 +415,25 @@ def test_lp_norm_float64_matches_an_exact_reference(device, backend, norm_type):
     torch.testing.assert_close(total.cpu(), exact_norm([g], norm_type), **tol(torch.float64))
 
 
+def test_triton_table_upload_for_cuda_graphs_carries_values_in_kernel_parameters(monkeypatch):
+    """Under CUDA-graph capture the Triton launchers build their chunk table with upload
+    kernels whose parameters carry the values: no host buffer a replay would read, nothing
+    pinned inside the capture, nothing kept per captured call. Shown here on CPU tensors in
+    the interpreter: every value arrives (pointers past 2^31, a count that is no multiple of
+    a launch's share), and no host memory is pinned on the way."""
+    if ganops._backend.unavailable_reason("triton", "cpu"):
+        pytest.skip(ganops._backend.unavailable_reason("triton", "cpu"))
+    from ganops.triton_kernels import clip_grad_norm as kernels
+
+    def no_pinning(self, *args, **kwargs):
+        raise AssertionError("pin_memory called while building a captured table")
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinning)
+    values = [0, 1, 16384, 2**31 - 1, 2**31, 2**47 + 12345, 3 * 2**40 + 7] + list(range(100, 130))
+    table = kernels._uploaded(values, torch.device("cpu"))
+    assert table.dtype == torch.int64 and table.tolist() == values
+    assert not hasattr(kernels, "_CAPTURED_TABLES")
+
+
 def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
     # Float arguments reach a compiled Triton kernel as float32: p = 2.3 would become
     # 2.29999995 and the float64 norm would be off by ~1e-8. The launchers send doubles as
@@ -538,6 +557,19 @@ def test_per_tensor_norms_come_back_in_order_from_device_groups(device, backend,
     torch.testing.assert_close(total.double(), exact_norm(grads_of(params), 2.0), **tol(torch.float32))
 
 
+def test_triton_refuses_cpu_gradients_without_the_interpreter(monkeypatch):
+    """What test_cuda_total_scales_cpu_gradients_after_it_arrives[triton] meets on a GPU
+    machine, shown here: without TRITON_INTERPRET the Triton backend, asked for by name,
+    refuses CPU gradients with BackendUnavailableError and changes nothing."""
+    monkeypatch.setattr(ganops._backend, "triton_interpret", lambda: False)
+    cpu = make_params([(10,)], "cpu")
+    original = cpu[0].grad.clone()
+    assert ganops._backend.unavailable_reason("triton", "cpu") is not None
+    with pytest.raises(ganops.BackendUnavailableError, match="cpu"):
+        ganops.clip_grads_with_norm_(cpu, 1.0, torch.tensor(100.0, dtype=torch.float64), backend="triton")
+    assert torch.equal(cpu[0].grad, original)
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_cuda_total_scales_cpu_gradients_after_it_arrives(backend):
@@ -549,6 +581,15 @@ def test_cuda_total_scales_cpu_gradients_after_it_arrives(backend):
     for _ in range(3):
         big = big @ big / 64
     total = (big.sum() * 0 + 100.0).double()
+    cpu_reason = ganops._backend.unavailable_reason(backend, "cpu")
+    if cpu_reason is not None:
+        # Triton serves CPU tensors only in its interpreter, which a GPU machine does not
+        # run: asked for by name, the backend refuses the CPU gradients, saying why, and
+        # leaves them unchanged (the CUDA ones are this file's other tests').
+        with pytest.raises(ganops.BackendUnavailableError, match="cpu"):
+            ganops.clip_grads_with_norm_(cpu, 1.0, total, backend=backend)
+        assert torch.equal(cpu[0].grad, original)
+        return
     ganops.clip_grads_with_norm_(cpu, 1.0, total, backend=backend)
     torch.testing.assert_close(cpu[0].grad, original * (1.0 / (100.0 + 1e-6)), **tol(torch.float32))
     gpu = make_params([(3000,)], "cuda", seed=2)

@@ -239,34 +239,67 @@ def _group_by_dtype(tensors: list[torch.Tensor], device: torch.device) -> dict:
     return groups
 
 
-# Device tables recorded into CUDA graphs, with the pinned staging they are copied from,
-# keyed by device and contents. A graph replays the captured host-to-device copy from the
-# staging memory every time, so neither may be freed (nor its memory handed out again)
-# while a graph may replay: entries are never evicted. Keying by contents bounds the
-# cache by the number of distinct clip calls captured (recapturing the same call reuses
-# its entry), a handful per program. Outside capture the staging needs no keeping: the
-# caching host allocator holds a pinned block until the copy recorded on it has run.
-# Pinning during capture is allowed: torch's host allocator marks blocks allocated while a
-# stream captures. Whether a block would outlive every graph differs across the torch
-# versions we support, so the entry holds it. (Run here without a GPU: the CUDA-graph
-# test in tests/test_clip_grad_norm.py checks capture and replay where one exists.)
-_CAPTURED_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Values per launch of _upload_kernel, each as two int32 halves (32 parameters).
+UPLOAD_VALUES = 16
+_HALF = 1 << 31
+
+
+@triton.jit
+def _put(table_ptr, offset, count, i: tl.constexpr, hi, lo):
+    # value = hi * 2^31 + lo, both halves non-negative int32 (table values are below 2^62).
+    if i < count:
+        tl.store(table_ptr + offset + i, (hi.to(tl.int64) << 31) | lo.to(tl.int64))
+
+
+# Every half is an int32 whatever its value, and none is specialised (on being 1 or a
+# multiple of 16): one compiled kernel serves every table.
+@triton.jit(do_not_specialize=["offset", "count", "h0", "l0", "h1", "l1", "h2", "l2", "h3", "l3", "h4", "l4", "h5", "l5", "h6", "l6", "h7", "l7", "h8", "l8", "h9", "l9", "h10", "l10", "h11", "l11", "h12", "l12", "h13", "l13", "h14", "l14", "h15", "l15"])
+def _upload_kernel(table_ptr, offset, count, h0, l0, h1, l1, h2, l2, h3, l3, h4, l4, h5, l5, h6, l6, h7, l7, h8, l8, h9, l9, h10, l10, h11, l11, h12, l12, h13, l13, h14, l14, h15, l15):
+    _put(table_ptr, offset, count, 0, h0, l0)
+    _put(table_ptr, offset, count, 1, h1, l1)
+    _put(table_ptr, offset, count, 2, h2, l2)
+    _put(table_ptr, offset, count, 3, h3, l3)
+    _put(table_ptr, offset, count, 4, h4, l4)
+    _put(table_ptr, offset, count, 5, h5, l5)
+    _put(table_ptr, offset, count, 6, h6, l6)
+    _put(table_ptr, offset, count, 7, h7, l7)
+    _put(table_ptr, offset, count, 8, h8, l8)
+    _put(table_ptr, offset, count, 9, h9, l9)
+    _put(table_ptr, offset, count, 10, h10, l10)
+    _put(table_ptr, offset, count, 11, h11, l11)
+    _put(table_ptr, offset, count, 12, h12, l12)
+    _put(table_ptr, offset, count, 13, h13, l13)
+    _put(table_ptr, offset, count, 14, h14, l14)
+    _put(table_ptr, offset, count, 15, h15, l15)
+
+
+def _uploaded(values: list[int], device: torch.device) -> torch.Tensor:
+    """The table on the device, its values carried in kernel parameters (UPLOAD_VALUES per
+    launch) rather than copied from host memory.
+
+    For CUDA-graph capture: a captured host-to-device copy becomes a node that reads its
+    host buffer at every replay, long after the call freed it (and pinning inside a capture
+    is not safe on every torch the package supports); kernel parameters are stored with
+    the graph's nodes, so nothing outlives the graph and nothing needs keeping. The table
+    itself comes from the graph's memory pool, as every temporary of a captured call does.
+    """
+    table = torch.empty(max(len(values), 1), dtype=torch.int64, device=device)
+    with _on(device):
+        for offset in range(0, len(values), UPLOAD_VALUES):
+            part = values[offset:offset + UPLOAD_VALUES]
+            halves = [h for v in part for h in divmod(v, _HALF)]
+            halves += [0] * (2 * UPLOAD_VALUES - len(halves))
+            _upload_kernel[(1,)](table, offset, len(part), *halves)
+    return table
 
 
 def _table_on_device(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.int64, device=device)
     if torch.cuda.is_current_stream_capturing():
-        key = (device, tuple(values))
-        entry = _CAPTURED_TABLES.get(key)
-        if entry is None:
-            host = torch.tensor(values, dtype=torch.int64).pin_memory()
-            entry = (host, torch.empty(len(values), dtype=torch.int64, device=device))
-            _CAPTURED_TABLES[key] = entry
-        # Copied again in every graph that uses the entry, so each graph fills the table
-        # itself instead of relying on another graph having run.
-        entry[1].copy_(entry[0], non_blocking=True)
-        return entry[1]
+        return _uploaded(values, device)
+    # Eagerly: one copy from pinned staging, whose block the caching host allocator keeps
+    # until the copy recorded on it has run.
     return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
