@@ -9,8 +9,8 @@ extension ganops._C_launch_checks, imported here; where it was not built (an ins
 wheel) every test that calls one is skipped, saying so.
 
 ``pytest --gpu-only`` keeps only the tests a CPU cannot run (tools/gpu_check.py on a lent
-GPU machine; CPU CI runs the rest): those parametrized on a CUDA device or naming CUDA, and
-those that skip without a CUDA GPU (``requires_cuda``, "needs two CUDA GPUs").
+GPU machine; CPU CI runs the rest): those parametrized on a CUDA device, and those that
+skip without a CUDA GPU (``requires_cuda``, "needs two CUDA GPUs").
 """
 
 import importlib
@@ -63,13 +63,14 @@ _NEEDS_GPU = re.compile(r"needs (a|two) CUDA GPU")
 
 def pytest_addoption(parser):
     parser.addoption("--gpu-only", action="store_true",
-                     help="only the tests a CPU cannot run: CUDA-parametrized, CUDA-named or GPU-requiring ones")
+                     help="only the tests a CPU cannot run: CUDA-parametrized or GPU-requiring ones")
 
 
 def _needs_gpu(item) -> bool:
     if _calls_launch_check(item):  # a CUDA launch emulated on the CPU
         return False
-    if "cuda" in item.nodeid.lower():
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "cuda" in callspec.id.lower():
         return True
     return any(_NEEDS_GPU.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif"))
 
