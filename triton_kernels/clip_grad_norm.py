@@ -293,11 +293,20 @@ def _uploaded(values: list[int], device: torch.device) -> torch.Tensor:
     return table
 
 
+# Devices on which _upload_kernel has run once eagerly: compiled and loaded before any
+# capture needs it (loading a module inside a capture is not allowed), as the warm-up calls
+# a capture requires do for every other kernel.
+_UPLOAD_LOADED: set[torch.device] = set()
+
+
 def _table_on_device(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.int64, device=device)
     if torch.cuda.is_current_stream_capturing():
         return _uploaded(values, device)
+    if device not in _UPLOAD_LOADED:
+        _uploaded([0], device)
+        _UPLOAD_LOADED.add(device)
     # Eagerly: one copy from pinned staging, whose block the caching host allocator keeps
     # until the copy recorded on it has run.
     return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
