@@ -316,12 +316,59 @@ def test_cuda_launch_covers_every_element_once(norm_type):
     tensors = [torch.randn(s, dtype=dt) for s, dt in [
         ((40000,), torch.float32), ((0,), torch.float32), ((16384,), torch.float16),
         ((16385,), torch.float64), ((1,), torch.bfloat16), ((513,), torch.float32), ((70000,), torch.float16)]]
-    coverage, per, total = torch.ops.ganops._multi_tensor_norm_cuda_launch_check(tensors, norm_type)
+    coverage, partial_reads, sum_reads, per, total = torch.ops.ganops._multi_tensor_norm_cuda_launch_check(
+        tensors, norm_type)
     assert coverage.numel() == sum(t.numel() for t in tensors)
     assert coverage.min().item() == 1 and coverage.max().item() == 1, "an element was skipped or visited twice"
+    # The finish reads each chunk's partial once, then each tensor's sum once.
+    assert partial_reads.numel() == sum(-(-t.numel() // 16384) for t in tensors)
+    assert partial_reads.eq(1).all() and sum_reads.numel() == len(tensors) and sum_reads.eq(1).all()
     for k, t in enumerate(tensors):
         torch.testing.assert_close(per[k], exact_norm([t], norm_type), rtol=1e-6, atol=0)
     torch.testing.assert_close(total, exact_norm(tensors, norm_type), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+def test_cuda_finish_splits_a_long_tensor_and_many_tensors_over_threads():
+    # 513 chunks in one tensor (past the finish block's 512 threads, so a thread takes two)
+    # and 520 tensors (a thread of the total's block takes two): every partial and every
+    # tensor sum is read once, and the norms are right.
+    tensors = [torch.randn(513 * 16384 - 5, dtype=torch.float16)] + [torch.randn(3) for _ in range(519)]
+    coverage, partial_reads, sum_reads, per, total = torch.ops.ganops._multi_tensor_norm_cuda_launch_check(
+        tensors, 2.0)
+    assert partial_reads.numel() == 513 + 519 and partial_reads.eq(1).all()
+    assert sum_reads.numel() == 520 and sum_reads.eq(1).all()
+    torch.testing.assert_close(per[0].double(), exact_norm(tensors[:1], 2.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(total.double(), exact_norm(tensors, 2.0), rtol=1e-6, atol=0)
+
+
+def test_triton_finish_splits_a_long_tensor_over_lanes():
+    """The Triton finish kernels on a table of one tensor with more chunks than lanes and
+    more tensors than lanes: each tensor's sum and the total come out of a fixed-order
+    combination, the same bits on every run."""
+    if ganops._backend.unavailable_reason("triton", "cpu"):
+        pytest.skip(ganops._backend.unavailable_reason("triton", "cpu"))
+    from ganops.triton_kernels import clip_grad_norm as kernels
+
+    chunks = [3 * kernels.FINISH_BLOCK + 7] + [1] * (kernels.FINISH_BLOCK + 3)
+    n = len(chunks)
+    first = [sum(chunks[:k]) for k in range(n)]
+    table = torch.tensor([0] * n + first + chunks, dtype=torch.int64)
+    partials = torch.rand(sum(chunks), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for _ in range(2):
+        sums, per, total = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64), torch.empty(
+            (), dtype=torch.float64)
+        inv_p = kernels._bits(0.5, torch.float64)
+        kernels._tensor_finish_kernel[(n,)](table, n, partials, sums, per, inv_p, KIND=kernels.L2, PER_TENSOR=True,
+                                            BLOCK=kernels.FINISH_BLOCK)
+        kernels._total_finish_kernel[(1,)](sums, n, total, inv_p, KIND=kernels.L2, BLOCK=kernels.FINISH_BLOCK)
+        results.append((sums, per, total))
+    exact = [partials[f:f + c].sum() for f, c in zip(first, chunks)]
+    torch.testing.assert_close(results[0][0], torch.stack(exact), rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], torch.stack(exact).sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][2], partials.sum().sqrt(), rtol=1e-12, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1])), "the finish must be deterministic"
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params() if p.values[1] != "torch"])
@@ -454,7 +501,7 @@ def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_chunk_partial_kernel", "_finish_kernel", "_chunk_scale_kernel"):
+    for name in ("_chunk_partial_kernel", "_tensor_finish_kernel", "_total_finish_kernel", "_chunk_scale_kernel"):
         monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
     g = torch.randn(100, dtype=torch.float64)
     kernels.clip_grad_norm_([g], 0.123456789012345678, 2.3)
@@ -464,7 +511,8 @@ def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
         return struct.unpack("<d", struct.pack("<q", bits))[0]
 
     assert as_double(seen["_chunk_partial_kernel"][0][5]) == 2.3
-    assert as_double(seen["_finish_kernel"][0][5]) == 1.0 / 2.3
+    assert as_double(seen["_tensor_finish_kernel"][0][5]) == 1.0 / 2.3
+    assert as_double(seen["_total_finish_kernel"][0][3]) == 1.0 / 2.3
     assert as_double(seen["_chunk_scale_kernel"][0][5]) == 0.123456789012345678
 
 

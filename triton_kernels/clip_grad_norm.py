@@ -3,10 +3,10 @@ and ganops.clip_grad_value_.
 
 Parallel in structure to csrc/clip_grad_norm/clip_grad_norm_cuda.cu: the same chunk
 tables (one int64 buffer of data pointers, per-tensor chunk ranges and per-chunk
-tensor/offset/length), one program per chunk for the partials, one finishing program that
-combines them in a fixed order, and in-place kernels (scale, clamp) that walk the same
-chunks. Launches: one per grad dtype for the partials, one finishing; one per dtype for the
-scale or the clamp.
+tensor/offset/length), one program per chunk for the partials, a two-stage finish that
+combines them in a fixed order (one program per tensor over its chunks, then one program
+over the tensors), and in-place kernels (scale, clamp) that walk the same chunks. Launches:
+one per grad dtype for the partials, two finishing; one per dtype for the scale or the clamp.
 
 Float arguments reach a compiled Triton kernel as float32, so the float64 numbers (p, 1/p,
 max_norm, clip_value) travel as the int64 bit patterns of doubles and are reinterpreted on
@@ -149,24 +149,33 @@ def _chunk_partial_kernel(table_ptr, n_tensors, n_chunks, first_chunk, partials_
 
 
 @triton.jit
-def _finish_kernel(table_ptr, n_tensors, partials_ptr, per_tensor_ptr, total_ptr, inv_p_bits,
-                   KIND: tl.constexpr, PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _tensor_finish_kernel(table_ptr, n_tensors, partials_ptr, sums_ptr, per_tensor_ptr, inv_p_bits,
+                          KIND: tl.constexpr, PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """The finish's first stage: program k combines tensor k's chunk partials (lane i takes
+    chunks i, i + BLOCK, ..., then the lanes are reduced) into sums[k]."""
     out_ty = partials_ptr.dtype.element_ty
-    inv_p = _f64(inv_p_bits).to(out_ty)
-    total = tl.zeros([BLOCK], out_ty)
+    k = tl.program_id(0)
+    first = tl.load(table_ptr + n_tensors + k)
+    count = tl.load(table_ptr + 2 * n_tensors + k)
+    acc = tl.zeros([BLOCK], out_ty)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        acc = _combine(acc, tl.load(partials_ptr + first + j, mask=j < count, other=0), KIND)
+    tensor_sum = _reduce(acc, KIND)
+    tl.store(sums_ptr + k, tensor_sum)
+    if PER_TENSOR:
+        tl.store(per_tensor_ptr + k, _finish(tensor_sum, KIND, _f64(inv_p_bits).to(out_ty)))
+
+
+@triton.jit
+def _total_finish_kernel(sums_ptr, n_tensors, total_ptr, inv_p_bits, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """The second stage, one program: the tensor sums combined into the total norm."""
+    out_ty = sums_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], out_ty)
     for start in range(0, n_tensors, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        in_range = k < n_tensors
-        first = tl.load(table_ptr + n_tensors + k, mask=in_range, other=0)
-        count = tl.load(table_ptr + 2 * n_tensors + k, mask=in_range, other=0)
-        acc = tl.zeros([BLOCK], out_ty)
-        for j in range(0, tl.max(count, 0)):
-            part = tl.load(partials_ptr + first + j, mask=j < count, other=0)
-            acc = _combine(acc, part, KIND)
-        if PER_TENSOR:
-            tl.store(per_tensor_ptr + k, _finish(acc, KIND, inv_p), mask=in_range)
-        total = _combine(total, acc, KIND)
-    tl.store(total_ptr, _finish(_reduce(total, KIND), KIND, inv_p))
+        acc = _combine(acc, tl.load(sums_ptr + k, mask=k < n_tensors, other=0), KIND)
+    tl.store(total_ptr, _finish(_reduce(acc, KIND), KIND, _f64(inv_p_bits).to(out_ty)))
 
 
 @triton.jit
@@ -363,6 +372,7 @@ def _norm(w: _Work, norm_type: float, per_tensor: bool):
     device, out_dtype, n = w.device, w.out_dtype, len(w.work)
     kind = norm_kind(norm_type)
     partials = torch.empty(max(w.n_chunks, 1), dtype=out_dtype, device=device)
+    sums = torch.empty(n, dtype=out_dtype, device=device)
     total = torch.empty((), dtype=out_dtype, device=device)
     per = torch.empty(n if per_tensor else 0, dtype=out_dtype, device=device)
     inv_p = 1.0 / norm_type  # as the C++ kernels: the reciprocal in double, then rounded
@@ -371,9 +381,10 @@ def _norm(w: _Work, norm_type: float, per_tensor: bool):
             _chunk_partial_kernel[(count,)](w.table, n, w.n_chunks, first, partials, _bits(norm_type, dtype),
                                             KIND=kind, DTYPE=_TL_DTYPES[dtype], ACC=acc_tl(dtype),
                                             BLOCK=BLOCK)
-        _finish_kernel[(1,)](w.table, n, partials, per if per_tensor else total, total,
-                             _bits(inv_p, out_dtype), KIND=kind, PER_TENSOR=per_tensor,
-                             BLOCK=FINISH_BLOCK)
+        inv_p_bits = _bits(inv_p, out_dtype)
+        _tensor_finish_kernel[(n,)](w.table, n, partials, sums, per if per_tensor else sums, inv_p_bits,
+                                    KIND=kind, PER_TENSOR=per_tensor, BLOCK=FINISH_BLOCK)
+        _total_finish_kernel[(1,)](sums, n, total, inv_p_bits, KIND=kind, BLOCK=FINISH_BLOCK)
     return total, per
 
 

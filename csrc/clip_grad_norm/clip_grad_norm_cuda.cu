@@ -1,9 +1,10 @@
 // CUDA kernels of the multi-tensor norm and scale.
 //
 // Launches per call, however many tensors: one host-to-device copy of the tables, one
-// partial-norm kernel per grad dtype present, one finishing kernel; the scale (and the
+// partial-norm kernel per grad dtype present, two finishing kernels (one block per tensor,
+// then one block over the tensors); the scale (and the
 // clamp of clip_grad_value_) is one kernel per dtype. Block b reduces chunk b (clip_grad_norm.h) into partials[b]; the finishing
-// block combines the partials in a fixed order, so the norm is deterministic, and the clip
+// blocks combine the partials in a fixed order, so the norm is deterministic, and the clip
 // coefficient is read from device memory: nothing waits on the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,7 @@
 #include <ganops/checks.h>
 #include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
+#include <ganops/grid.h>
 #include <ganops/registration.h>
 
 #include "clip_grad_norm/clip_grad_norm.h"
@@ -35,12 +37,27 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[c] = static_cast<Out>(block);
 }
 
+// The finish's first stage: block k combines tensor k's chunk partials into sums[k] (and
+// writes its norm when per_tensor is non-null).
 template <typename Out>
 __global__ void __launch_bounds__(kThreads)
-    finish_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks, const Out* partials,
-                  Out* per_tensor, Out* total, NormSpec s) {
+    tensor_finish_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks, const Out* partials,
+                         Out* sums, Out* per_tensor, NormSpec s) {
   const TableView view = table_view(table, n_tensors, n_chunks);
-  const Out local = finish_thread<Out>(view, partials, n_tensors, threadIdx.x, kThreads, per_tensor, s);
+  const int64_t k = blockIdx.x;
+  const Out local = tensor_finish_thread<Out>(view, partials, k, threadIdx.x, kThreads, s);
+  const Out block = block_reduce<kThreads>(local, NormCombine{s});
+  if (threadIdx.x == 0) {
+    sums[k] = block;
+    if (per_tensor != nullptr) per_tensor[k] = norm_finish(block, s);
+  }
+}
+
+// The second stage: one block combines the tensor sums into the total norm.
+template <typename Out>
+__global__ void __launch_bounds__(kThreads)
+    total_finish_kernel(const Out* sums, int64_t n_tensors, Out* total, NormSpec s) {
+  const Out local = total_finish_thread<Out>(sums, n_tensors, threadIdx.x, kThreads, s);
   const Out block = block_reduce<kThreads>(local, NormCombine{s});
   if (threadIdx.x == 0) *total = norm_finish(block, s);
 }
@@ -150,10 +167,12 @@ void launch_norm(const ChunkedTensors& c, NormSpec s, at::Tensor& total, at::Ten
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  finish_kernel<Out><<<1, kThreads, 0, stream>>>(c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks,
-                                                partials.const_data_ptr<Out>(),
-                                                per_tensor ? per.data_ptr<Out>() : nullptr,
-                                                total.data_ptr<Out>(), s);
+  at::Tensor sums = at::empty({n}, total.options());
+  tensor_finish_kernel<Out><<<grid_x(n, "multi_tensor_norm"), kThreads, 0, stream>>>(
+      c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, partials.const_data_ptr<Out>(), sums.data_ptr<Out>(),
+      per_tensor ? per.data_ptr<Out>() : nullptr, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  total_finish_kernel<Out><<<1, kThreads, 0, stream>>>(sums.const_data_ptr<Out>(), n, total.data_ptr<Out>(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
