@@ -362,7 +362,8 @@ def test_triton_finish_splits_a_long_tensor_over_lanes():
         inv_p = kernels._bits(0.5, torch.float64)
         kernels._tensor_finish_kernel[(n,)](table, n, partials, sums, per, inv_p, KIND=kernels.L2, PER_TENSOR=True,
                                             BLOCK=kernels.FINISH_BLOCK)
-        kernels._total_finish_kernel[(1,)](sums, n, total, inv_p, KIND=kernels.L2, BLOCK=kernels.FINISH_BLOCK)
+        kernels._total_finish_kernel[(1,)](sums, n, total, total, inv_p, 0, KIND=kernels.L2, CLIP=False,
+                                           BLOCK=kernels.FINISH_BLOCK)
         results.append((sums, per, total))
     exact = [partials[f:f + c].sum() for f, c in zip(first, chunks)]
     torch.testing.assert_close(results[0][0], torch.stack(exact), rtol=1e-12, atol=0)
@@ -501,7 +502,7 @@ def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_chunk_partial_kernel", "_tensor_finish_kernel", "_total_finish_kernel", "_chunk_scale_kernel"):
+    for name in ("_chunk_partial_kernel", "_tensor_finish_kernel", "_total_finish_kernel", "_coefficient_kernel"):
         monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
     g = torch.randn(100, dtype=torch.float64)
     kernels.clip_grad_norm_([g], 0.123456789012345678, 2.3)
@@ -512,8 +513,10 @@ def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
 
     assert as_double(seen["_chunk_partial_kernel"][0][5]) == 2.3
     assert as_double(seen["_tensor_finish_kernel"][0][5]) == 1.0 / 2.3
-    assert as_double(seen["_total_finish_kernel"][0][3]) == 1.0 / 2.3
-    assert as_double(seen["_chunk_scale_kernel"][0][5]) == 0.123456789012345678
+    assert as_double(seen["_total_finish_kernel"][0][4]) == 1.0 / 2.3
+    assert as_double(seen["_total_finish_kernel"][0][5]) == 0.123456789012345678
+    kernels.multi_tensor_scale_([g], torch.tensor(1.0, dtype=torch.float64), 0.123456789012345678)
+    assert as_double(seen["_coefficient_kernel"][0][2]) == 0.123456789012345678
 
 
 # ---------------------------------------------------------------------------------------

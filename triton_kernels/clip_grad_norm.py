@@ -6,7 +6,8 @@ tables (one int64 buffer of data pointers, per-tensor chunk ranges and per-chunk
 tensor/offset/length), one program per chunk for the partials, a two-stage finish that
 combines them in a fixed order (one program per tensor over its chunks, then one program
 over the tensors), and in-place kernels (scale, clamp) that walk the same chunks. Launches:
-one per grad dtype for the partials, two finishing; one per dtype for the scale or the clamp.
+one per grad dtype for the partials, two finishing (the second also computes the clip
+coefficient once, for clip_grad_norm_); one per dtype for the scale or the clamp.
 
 Float arguments reach a compiled Triton kernel as float32, so the float64 numbers (p, 1/p,
 max_norm, clip_value) travel as the int64 bit patterns of doubles and are reinterpreted on
@@ -168,20 +169,7 @@ def _tensor_finish_kernel(table_ptr, n_tensors, partials_ptr, sums_ptr, per_tens
 
 
 @triton.jit
-def _total_finish_kernel(sums_ptr, n_tensors, total_ptr, inv_p_bits, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """The second stage, one program: the tensor sums combined into the total norm."""
-    out_ty = sums_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK], out_ty)
-    for start in range(0, n_tensors, BLOCK):
-        k = start + tl.arange(0, BLOCK)
-        acc = _combine(acc, tl.load(sums_ptr + k, mask=k < n_tensors, other=0), KIND)
-    tl.store(total_ptr, _finish(_reduce(acc, KIND), KIND, _f64(inv_p_bits).to(out_ty)))
-
-
-@triton.jit
-def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, max_norm_bits,
-                        DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    total = tl.load(total_ptr)
+def _clip_coefficient(total, max_norm_bits):
     max_norm = _f64(max_norm_bits).to(total.dtype)
     # torch.nn.utils.clip_grads_with_norm_'s coefficient, in the norm's dtype; correctly
     # rounded division in float32 (the plain '/' is approximate there). A NaN coefficient
@@ -190,7 +178,35 @@ def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, 
         coef = tl.div_rn(max_norm, total + 1e-6)
     else:
         coef = max_norm / (total + 1e-6)
-    coef = tl.where(coef > 1, 1, coef).to(total.dtype)
+    return tl.where(coef > 1, 1, coef).to(total.dtype)
+
+
+@triton.jit
+def _total_finish_kernel(sums_ptr, n_tensors, total_ptr, coef_ptr, inv_p_bits, max_norm_bits, KIND: tl.constexpr,
+                         CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """The second stage, one program: the tensor sums combined into the total norm, and,
+    when clipping, its clip coefficient, computed here once for every scale program."""
+    out_ty = sums_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], out_ty)
+    for start in range(0, n_tensors, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        acc = _combine(acc, tl.load(sums_ptr + k, mask=k < n_tensors, other=0), KIND)
+    total = _finish(_reduce(acc, KIND), KIND, _f64(inv_p_bits).to(out_ty))
+    tl.store(total_ptr, total)
+    if CLIP:
+        tl.store(coef_ptr, _clip_coefficient(total, max_norm_bits))
+
+
+@triton.jit
+def _coefficient_kernel(total_ptr, coef_ptr, max_norm_bits):
+    """The clip coefficient of a norm given by the caller (multi_tensor_scale_), once."""
+    tl.store(coef_ptr, _clip_coefficient(tl.load(total_ptr), max_norm_bits))
+
+
+@triton.jit
+def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, coef_ptr,
+                        DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    coef = tl.load(coef_ptr)
     # Multiplying by exactly 1 changes no value: leave the chunk unread and unwritten.
     if coef != 1:
         chunk, length = _chunk(table_ptr, n_tensors, n_chunks, first_chunk + tl.program_id(0), DTYPE)
@@ -368,13 +384,16 @@ class _Work:
 
 
 
-def _norm(w: _Work, norm_type: float, per_tensor: bool):
+def _norm(w: _Work, norm_type: float, per_tensor: bool, max_norm: float | None = None):
+    """(total, per-tensor norms, clip coefficient for max_norm or None)."""
     device, out_dtype, n = w.device, w.out_dtype, len(w.work)
     kind = norm_kind(norm_type)
     partials = torch.empty(max(w.n_chunks, 1), dtype=out_dtype, device=device)
     sums = torch.empty(n, dtype=out_dtype, device=device)
     total = torch.empty((), dtype=out_dtype, device=device)
     per = torch.empty(n if per_tensor else 0, dtype=out_dtype, device=device)
+    clip = max_norm is not None
+    coef = torch.empty((), dtype=out_dtype, device=device) if clip else None
     inv_p = 1.0 / norm_type  # as the C++ kernels: the reciprocal in double, then rounded
     with _on(device):
         for dtype, first, count in w.groups:
@@ -384,35 +403,41 @@ def _norm(w: _Work, norm_type: float, per_tensor: bool):
         inv_p_bits = _bits(inv_p, out_dtype)
         _tensor_finish_kernel[(n,)](w.table, n, partials, sums, per if per_tensor else sums, inv_p_bits,
                                     KIND=kind, PER_TENSOR=per_tensor, BLOCK=FINISH_BLOCK)
-        _total_finish_kernel[(1,)](sums, n, total, inv_p_bits, KIND=kind, BLOCK=FINISH_BLOCK)
-    return total, per
+        _total_finish_kernel[(1,)](sums, n, total, coef if clip else total, inv_p_bits,
+                                   _bits(max_norm if clip else 0.0, out_dtype), KIND=kind, CLIP=clip,
+                                   BLOCK=FINISH_BLOCK)
+    return total, per, coef
 
 
-def _scale_(w: _Work, total_norm: torch.Tensor, max_norm: float) -> None:
-    max_norm_bits = _bits(max_norm, total_norm.dtype)
+def _scale_(w: _Work, coef: torch.Tensor) -> None:
     with _on(w.device):
         for dtype, first, count in w.groups:
-            _chunk_scale_kernel[(count,)](w.table, len(w.work), w.n_chunks, first, total_norm, max_norm_bits,
+            _chunk_scale_kernel[(count,)](w.table, len(w.work), w.n_chunks, first, coef,
                                           DTYPE=_TL_DTYPES[dtype], ACC=acc_tl(dtype), BLOCK=BLOCK)
 
 
 def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float, per_tensor: bool):
     """(total norm, per-tensor norms or an empty tensor); float64 if any input is, else float32."""
-    return _norm(_Work(tensors), norm_type, per_tensor)
+    total, per, _ = _norm(_Work(tensors), norm_type, per_tensor)
+    return total, per
 
 
 def multi_tensor_scale_(tensors: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scales every tensor in place by min(max_norm / (total_norm + 1e-6), 1)."""
     w = _Work(tensors)
-    _scale_(w, total_norm, max_norm)
+    coef = torch.empty((), dtype=total_norm.dtype, device=w.device)
+    with _on(w.device):
+        _coefficient_kernel[(1,)](total_norm, coef, _bits(max_norm, total_norm.dtype))
+    _scale_(w, coef)
     w.write_back()
 
 
 def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
-    """The norm, then the scale, over one table: returns the norm before clipping."""
+    """The norm and its clip coefficient, then the scale, over one table: returns the norm
+    before clipping."""
     w = _Work(grads)
-    total, _ = _norm(w, norm_type, False)
-    _scale_(w, total, max_norm)
+    total, _, coef = _norm(w, norm_type, False, max_norm)
+    _scale_(w, coef)
     w.write_back()
     return total
 

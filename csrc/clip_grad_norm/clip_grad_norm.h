@@ -101,14 +101,14 @@ struct ScaleBy {
   GANOPS_HD Acc operator()(Acc x) const { return x * coef; }
 };
 
-// Scale by the clip coefficient of a norm that lives in the kernel's memory.
+// Scale by a clip coefficient that lives in the kernel's memory, computed once before the
+// scale (by the finish, or from a given norm), not by every block.
 template <typename Tot>
 struct ScaleOp {
-  const Tot* total_norm;
-  double max_norm;
+  const Tot* coef;
   template <typename Acc>
   GANOPS_HD ScaleBy<Acc> bind() const {
-    return {static_cast<Acc>(clip_coefficient(*total_norm, max_norm))};
+    return {static_cast<Acc>(*coef)};
   }
 };
 

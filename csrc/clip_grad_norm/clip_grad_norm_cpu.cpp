@@ -131,7 +131,8 @@ void update_impl(const std::vector<at::Tensor>& contig, const Tables& tables, co
 void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const at::Tensor& total_norm,
                 double max_norm) {
   AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient", [&] {
-    const ScaleOp<scalar_t> op{total_norm.const_data_ptr<scalar_t>(), max_norm};
+    const scalar_t coef = clip_coefficient(*total_norm.const_data_ptr<scalar_t>(), max_norm);
+    const ScaleOp<scalar_t> op{&coef};
     // Multiplying by exactly 1 changes no value (NaN stays NaN), so skip the pass.
     if (op.template bind<scalar_t>().identity()) return;
     update_impl(contig, tables, op);
