@@ -1,4 +1,5 @@
-"""Build for ganops: one extension, ``ganops._C``.
+"""Build for ganops: the extension ``ganops._C`` and, for the test suite only,
+``ganops._C_launch_checks``.
 
 The C++ CPU kernels are always compiled. The CUDA kernels are compiled whenever a CUDA
 toolkit whose major version matches torch's is found, with or without a visible GPU. The
@@ -11,11 +12,20 @@ each entry to the C++ and CUDA compilers as ``-DGANOPS_<OP>_<NAME>=<value>``, OP
 file's stem upper-cased (GANOPS_GRADIENT_PENALTY_CHUNK_SIZE); csrc/<op>/<op>.h binds it to its
 constant and stops with an #error if it is missing. A new op's split needs its Triton file only.
 
+``ganops._C_launch_checks`` holds the launch checks (csrc/<op>/<op>_launch_check.cpp, test
+ops that replay each CUDA launch on the CPU, see csrc/include/ganops/launch_emulation.h): they
+are not part of the library, so ``make wheel`` (GANOPS_LAUNCH_CHECKS=0) leaves them out, and
+tests/conftest.py loads them where they were built.
+
 Environment variables:
   GANOPS_BUILD_CUDA      1: require the CUDA kernels; 0: skip them; unset: build them if a
                          matching toolkit is found; force: build them even when nvcc's CUDA
                          major version differs from torch's (e.g. nvcc 13 against a torch
                          built for CUDA 12), with a warning: the result may not load or run.
+  GANOPS_LAUNCH_CHECKS   0: do not build the test-only extension ganops._C_launch_checks
+                         (the wheel, gpu-check's build); otherwise it is built.
+  GANOPS_EXTENSIONS      0: no compiled extension at all, the torch and Triton backends only
+                         (gpu-check's fallback when the build fails). Default 1.
   GANOPS_LOCAL_VERSION   1: the version carries a local tag naming the torch and CUDA it was
                          built for (0.1.0+pt2141cu130), and the package requires exactly that
                          torch. Otherwise it requires torch >= 2.11.
@@ -127,10 +137,20 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-# Found by glob, so a new op touches no build file: csrc/<op>/<op>.cpp, <op>_cpu.cpp,
-# <op>_launch_check.cpp, <op>_cuda.cu.
-cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/*/*.cpp")
+def _env_switch(name, default):
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# Found by glob, so a new op touches no build file: csrc/<op>/<op>.cpp, <op>_cpu.cpp and
+# <op>_cuda.cu go into ganops._C, <op>_launch_check.cpp into ganops._C_launch_checks.
+launch_check_sources = _sources("csrc/*/*_launch_check.cpp")
+cpp_sources = ["csrc/ganops.cpp"] + [p for p in _sources("csrc/*/*.cpp") if p not in launch_check_sources]
 cuda_sources = _sources("csrc/*/*_cuda.cu")
+build_extensions = _env_switch("GANOPS_EXTENSIONS", "1")
+build_launch_checks = build_extensions and _env_switch("GANOPS_LAUNCH_CHECKS", "1")
 
 
 def _work_split_definitions():
@@ -174,6 +194,13 @@ if build_cuda:
 else:
     extension = CppExtension("ganops._C", cpp_sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+extensions = [extension] if build_extensions else []
+if build_launch_checks:
+    # CPU code only (the launches are emulated); its ops join the `ganops` namespace that
+    # ganops._C owns, so it is imported after it (tests/conftest.py).
+    extensions.append(CppExtension("ganops._C_launch_checks", ["csrc/ganops_launch_checks.cpp"] + launch_check_sources,
+                                   include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                                   extra_link_args=link_flags))
 
 
 TORCH_RELEASE = torch.__version__.split("+")[0]
@@ -239,6 +266,6 @@ setup(
     install_requires=install_requires,
     packages=["ganops", "ganops.ops", "ganops.nn", "ganops.nn.utils", "ganops.triton_kernels"],
     package_dir={"ganops.triton_kernels": "triton_kernels"},
-    ext_modules=[extension],
+    ext_modules=extensions,
     cmdclass={"build_ext": BuildExtensionInTree},
 )

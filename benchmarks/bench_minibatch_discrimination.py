@@ -12,7 +12,7 @@ import torch
 
 import ganops
 from benchmarks.harness import Case, Impl, Target, fwd_bwd
-from ganops.ops.minibatch_discrimination import minibatch_similarity_reference
+from ganops.ops.minibatch_discrimination import minibatch_discrimination_reference
 
 
 def _case(N, B, C, device, targets=()):
@@ -21,11 +21,11 @@ def _case(N, B, C, device, targets=()):
     g = torch.randn(N, B, generator=gen).to(device)
     impls = [Impl(f"ganops {backend}", fwd_bwd(lambda x, b=backend: ganops.minibatch_similarity(x, backend=b), M, g))
              for backend in ganops.available_backends(device) if backend != "torch"]
-    compiled = torch.compile(minibatch_similarity_reference, fullgraph=True)
+    compiled = torch.compile(minibatch_discrimination_reference, fullgraph=True)
     impls.append(Impl("torch.compile(naive)", fwd_bwd(compiled, M, g)))
     # float32 sums of up to N terms of either sign: 2e-5 of the largest output.
     return Case(op="minibatch_discrimination", name=f"fwd+bwd N={N} B={B} C={C}, fp32", device=device,
-                reference=Impl("torch naive", fwd_bwd(minibatch_similarity_reference, M, g)),
+                reference=Impl("torch naive", fwd_bwd(minibatch_discrimination_reference, M, g)),
                 impls=impls, rtol=2e-5, atol=1e-6, targets=list(targets), measure_memory=True)
 
 

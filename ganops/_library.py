@@ -22,6 +22,8 @@ From it come:
 - the contract suite (tests/test_contract.py), parametrized over REGISTRY with each op's
   ``examples``: opcheck on both compiled backends, the fake against the kernels, every backend
   against the reference, torch.compile, determinism across thread counts, bad inputs.
+- the GPU checks (tools/gpu_workloads.py): compute-sanitizer and the CUDA-graph capture call
+  every op on each of its ``examples`` and ``gpu_examples``, forward and backward.
 
 ``backward(kernels, ctx, *grads)`` is the op's autograd formula; ``kernels`` holds the ops of
 the backend being differentiated, so the cpp op's backward calls cpp ops and the Triton op's
@@ -62,6 +64,7 @@ class Op:
     backward: Callable | None = None
     setup_context: Callable | None = None
     examples: Callable | None = None
+    gpu_examples: Callable | None = None
     arg_names: tuple[str, ...] = field(init=False)
     mutated_args: tuple[str, ...] = field(init=False)
 
@@ -153,7 +156,7 @@ def _register_fake_and_autograd(op: Op, backend: str) -> None:
 
 def define(name: str, schema: str, *, fake: Callable, reference: Callable, triton: str,
            backward: Callable | None = None, setup_context: Callable | None = None,
-           examples: Callable | None = None) -> Op:
+           examples: Callable | None = None, gpu_examples: Callable | None = None) -> Op:
     """Declares the op ``ganops::<name>`` with ``schema`` (``"(args) -> returns"``): registers
     the compiled op's fake and autograd when the extension is loaded, defines its Triton twin,
     and enters it in REGISTRY.
@@ -162,11 +165,14 @@ def define(name: str, schema: str, *, fake: Callable, reference: Callable, trito
     arguments, the ``torch`` backend. ``triton``: "<module>.<function>" in ganops.triton_kernels.
     ``backward`` / ``setup_context``: the autograd formula (see the module docstring).
     ``examples(device, dtype)``: a list of argument tuples, fresh tensors each call, for the
-    contract suite.
+    contract suite and the GPU checks. ``gpu_examples(device, dtype)``: more argument tuples,
+    of the same form, for the GPU checks only (sanitizer, CUDA graphs): sizes that reach a
+    CUDA kernel's other launch shapes (several blocks, another tiling), too large for the
+    CPU suite's every-backend runs.
     """
     if name in REGISTRY:
         raise ValueError(f"ganops op {name!r} is declared twice")
-    op = Op(name, schema, fake, reference, triton, backward, setup_context, examples)
+    op = Op(name, schema, fake, reference, triton, backward, setup_context, examples, gpu_examples)
     if _ext.load():
         _register_fake_and_autograd(op, "cpp")
     torch.library.custom_op(op.qualname("triton"), _triton_twin(op), mutates_args=op.mutated_args,

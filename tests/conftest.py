@@ -3,9 +3,19 @@
 Without a GPU the Triton kernels run in interpreter mode on CPU tensors: TRITON_INTERPRET
 must be set before triton compiles anything, so it is set here, before ganops' Triton
 modules are imported.
+
+The launch checks (``torch.ops.ganops._<op>_cuda_launch_check``) live in the test-only
+extension ganops._C_launch_checks, imported here; where it was not built (an installed
+wheel) every test that calls one is skipped, saying so.
+
+``pytest --gpu-only`` keeps only the tests a CPU cannot run (tools/gpu_check.py on a lent
+GPU machine; CPU CI runs the rest): those parametrized on a CUDA device, and those that
+skip without a CUDA GPU (``requires_cuda``, "needs two CUDA GPUs").
 """
 
+import importlib
 import os
+import re
 
 import torch
 
@@ -32,6 +42,60 @@ settings.register_profile("fuzz", derandomize=False, max_examples=int(os.environ
 settings.load_profile(os.environ.get("GANOPS_HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _load_launch_checks() -> str | None:
+    """Imports ganops._C_launch_checks; returns why it is unavailable, or None."""
+    if not ganops._ext.load():
+        return f"the compiled ops are not loaded: {ganops._ext.load_error()}"
+    try:
+        importlib.import_module("ganops._C_launch_checks")
+    except (ImportError, OSError) as exc:
+        return (f"the launch checks' test extension ganops._C_launch_checks is not available ({exc}); "
+                f"`make build` builds it, a wheel leaves it out")
+    return None
+
+
+LAUNCH_CHECKS_MISSING = _load_launch_checks()
+# A skip reason that marks a test as needing a CUDA GPU, for --gpu-only.
+_NEEDS_GPU = re.compile(r"needs (a|two) CUDA GPU")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-only", action="store_true",
+                     help="only the tests a CPU cannot run: CUDA-parametrized or GPU-requiring ones")
+
+
+def _needs_gpu(item) -> bool:
+    if _calls_launch_check(item):  # a CUDA launch emulated on the CPU
+        return False
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "cuda" in callspec.id.lower():
+        return True
+    return any(_NEEDS_GPU.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif"))
+
+
+def _names_launch_check(code) -> bool:
+    """Whether the code, or a function or lambda defined in it, names a launch check op."""
+    return (any(name.endswith("_cuda_launch_check") for name in code.co_names)
+            or any(_names_launch_check(c) for c in code.co_consts if hasattr(c, "co_names")))
+
+
+def _calls_launch_check(item) -> bool:
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    return code is not None and _names_launch_check(code)
+
+
+def pytest_collection_modifyitems(config, items):
+    if LAUNCH_CHECKS_MISSING:
+        skip = pytest.mark.skip(reason=LAUNCH_CHECKS_MISSING)
+        for item in items:
+            if _calls_launch_check(item):
+                item.add_marker(skip)
+    if config.getoption("--gpu-only"):
+        keep = [item for item in items if _needs_gpu(item)]
+        config.hook.pytest_deselected(items=[item for item in items if not _needs_gpu(item)])
+        items[:] = keep
 
 
 def pytest_report_header(config):

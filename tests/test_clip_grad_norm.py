@@ -316,12 +316,60 @@ def test_cuda_launch_covers_every_element_once(norm_type):
     tensors = [torch.randn(s, dtype=dt) for s, dt in [
         ((40000,), torch.float32), ((0,), torch.float32), ((16384,), torch.float16),
         ((16385,), torch.float64), ((1,), torch.bfloat16), ((513,), torch.float32), ((70000,), torch.float16)]]
-    coverage, per, total = torch.ops.ganops._multi_tensor_norm_cuda_launch_check(tensors, norm_type)
+    coverage, partial_reads, sum_reads, per, total = torch.ops.ganops._multi_tensor_norm_cuda_launch_check(
+        tensors, norm_type)
     assert coverage.numel() == sum(t.numel() for t in tensors)
     assert coverage.min().item() == 1 and coverage.max().item() == 1, "an element was skipped or visited twice"
+    # The finish reads each chunk's partial once, then each tensor's sum once.
+    assert partial_reads.numel() == sum(-(-t.numel() // 16384) for t in tensors)
+    assert partial_reads.eq(1).all() and sum_reads.numel() == len(tensors) and sum_reads.eq(1).all()
     for k, t in enumerate(tensors):
         torch.testing.assert_close(per[k], exact_norm([t], norm_type), rtol=1e-6, atol=0)
     torch.testing.assert_close(total, exact_norm(tensors, norm_type), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+def test_cuda_finish_splits_a_long_tensor_and_many_tensors_over_threads():
+    # 513 chunks in one tensor (past the finish block's 512 threads, so a thread takes two)
+    # and 520 tensors (a thread of the total's block takes two): every partial and every
+    # tensor sum is read once, and the norms are right.
+    tensors = [torch.randn(513 * 16384 - 5, dtype=torch.float16)] + [torch.randn(3) for _ in range(519)]
+    coverage, partial_reads, sum_reads, per, total = torch.ops.ganops._multi_tensor_norm_cuda_launch_check(
+        tensors, 2.0)
+    assert partial_reads.numel() == 513 + 519 and partial_reads.eq(1).all()
+    assert sum_reads.numel() == 520 and sum_reads.eq(1).all()
+    torch.testing.assert_close(per[0].double(), exact_norm(tensors[:1], 2.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(total.double(), exact_norm(tensors, 2.0), rtol=1e-6, atol=0)
+
+
+def test_triton_finish_splits_a_long_tensor_over_lanes():
+    """The Triton finish kernels on a table of one tensor with more chunks than lanes and
+    more tensors than lanes: each tensor's sum and the total come out of a fixed-order
+    combination, the same bits on every run."""
+    if ganops._backend.unavailable_reason("triton", "cpu"):
+        pytest.skip(ganops._backend.unavailable_reason("triton", "cpu"))
+    from ganops.triton_kernels import clip_grad_norm as kernels
+
+    chunks = [3 * kernels.FINISH_BLOCK + 7] + [1] * (kernels.FINISH_BLOCK + 3)
+    n = len(chunks)
+    first = [sum(chunks[:k]) for k in range(n)]
+    table = torch.tensor([0] * n + first + chunks, dtype=torch.int64)
+    partials = torch.rand(sum(chunks), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for _ in range(2):
+        sums, per, total = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64), torch.empty(
+            (), dtype=torch.float64)
+        inv_p = kernels._bits(0.5, torch.float64)
+        kernels._tensor_finish_kernel[(n,)](table, n, partials, sums, per, inv_p, KIND=kernels.L2, PER_TENSOR=True,
+                                            BLOCK=kernels.FINISH_BLOCK)
+        kernels._total_finish_kernel[(1,)](sums, n, total, total, inv_p, 0, KIND=kernels.L2, CLIP=False,
+                                           BLOCK=kernels.FINISH_BLOCK)
+        results.append((sums, per, total))
+    exact = [partials[f:f + c].sum() for f, c in zip(first, chunks)]
+    torch.testing.assert_close(results[0][0], torch.stack(exact), rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], torch.stack(exact).sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][2], partials.sum().sqrt(), rtol=1e-12, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1])), "the finish must be deterministic"
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params() if p.values[1] != "torch"])
@@ -415,6 +463,25 @@ def test_lp_norm_float64_matches_an_exact_reference(device, backend, norm_type):
     torch.testing.assert_close(total.cpu(), exact_norm([g], norm_type), **tol(torch.float64))
 
 
+def test_triton_table_upload_for_cuda_graphs_carries_values_in_kernel_parameters(monkeypatch):
+    """Under CUDA-graph capture the Triton launchers build their chunk table with upload
+    kernels whose parameters carry the values: no host buffer a replay would read, nothing
+    pinned inside the capture, nothing kept per captured call. Shown here on CPU tensors in
+    the interpreter: every value arrives (pointers past 2^31, a count that is no multiple of
+    a launch's share), and no host memory is pinned on the way."""
+    if ganops._backend.unavailable_reason("triton", "cpu"):
+        pytest.skip(ganops._backend.unavailable_reason("triton", "cpu"))
+    from ganops.triton_kernels import clip_grad_norm as kernels
+
+    def no_pinning(self, *args, **kwargs):
+        raise AssertionError("pin_memory called while building a captured table")
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinning)
+    values = [0, 1, 16384, 2**31 - 1, 2**31, 2**47 + 12345, 3 * 2**40 + 7] + list(range(100, 130))
+    table = kernels._uploaded(values, torch.device("cpu"))
+    assert table.dtype == torch.int64 and table.tolist() == values
+    assert not hasattr(kernels, "_CAPTURED_TABLES")
+
+
 def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
     # Float arguments reach a compiled Triton kernel as float32: p = 2.3 would become
     # 2.29999995 and the float64 norm would be off by ~1e-8. The launchers send doubles as
@@ -435,7 +502,7 @@ def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_chunk_partial_kernel", "_finish_kernel", "_chunk_scale_kernel"):
+    for name in ("_chunk_partial_kernel", "_tensor_finish_kernel", "_total_finish_kernel", "_coefficient_kernel"):
         monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
     g = torch.randn(100, dtype=torch.float64)
     kernels.clip_grad_norm_([g], 0.123456789012345678, 2.3)
@@ -445,8 +512,11 @@ def test_triton_passes_p_and_max_norm_at_full_precision(monkeypatch):
         return struct.unpack("<d", struct.pack("<q", bits))[0]
 
     assert as_double(seen["_chunk_partial_kernel"][0][5]) == 2.3
-    assert as_double(seen["_finish_kernel"][0][5]) == 1.0 / 2.3
-    assert as_double(seen["_chunk_scale_kernel"][0][5]) == 0.123456789012345678
+    assert as_double(seen["_tensor_finish_kernel"][0][5]) == 1.0 / 2.3
+    assert as_double(seen["_total_finish_kernel"][0][4]) == 1.0 / 2.3
+    assert as_double(seen["_total_finish_kernel"][0][5]) == 0.123456789012345678
+    kernels.multi_tensor_scale_([g], torch.tensor(1.0, dtype=torch.float64), 0.123456789012345678)
+    assert as_double(seen["_coefficient_kernel"][0][2]) == 0.123456789012345678
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,6 +608,19 @@ def test_per_tensor_norms_come_back_in_order_from_device_groups(device, backend,
     torch.testing.assert_close(total.double(), exact_norm(grads_of(params), 2.0), **tol(torch.float32))
 
 
+def test_triton_refuses_cpu_gradients_without_the_interpreter(monkeypatch):
+    """What test_cuda_total_scales_cpu_gradients_after_it_arrives[triton] meets on a GPU
+    machine, shown here: without TRITON_INTERPRET the Triton backend, asked for by name,
+    refuses CPU gradients with BackendUnavailableError and changes nothing."""
+    monkeypatch.setattr(ganops._backend, "triton_interpret", lambda: False)
+    cpu = make_params([(10,)], "cpu")
+    original = cpu[0].grad.clone()
+    assert ganops._backend.unavailable_reason("triton", "cpu") is not None
+    with pytest.raises(ganops.BackendUnavailableError, match="cpu"):
+        ganops.clip_grads_with_norm_(cpu, 1.0, torch.tensor(100.0, dtype=torch.float64), backend="triton")
+    assert torch.equal(cpu[0].grad, original)
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_cuda_total_scales_cpu_gradients_after_it_arrives(backend):
@@ -549,6 +632,15 @@ def test_cuda_total_scales_cpu_gradients_after_it_arrives(backend):
     for _ in range(3):
         big = big @ big / 64
     total = (big.sum() * 0 + 100.0).double()
+    cpu_reason = ganops._backend.unavailable_reason(backend, "cpu")
+    if cpu_reason is not None:
+        # Triton serves CPU tensors only in its interpreter, which a GPU machine does not
+        # run: asked for by name, the backend refuses the CPU gradients, saying why, and
+        # leaves them unchanged (the CUDA ones are this file's other tests').
+        with pytest.raises(ganops.BackendUnavailableError, match="cpu"):
+            ganops.clip_grads_with_norm_(cpu, 1.0, total, backend=backend)
+        assert torch.equal(cpu[0].grad, original)
+        return
     ganops.clip_grads_with_norm_(cpu, 1.0, total, backend=backend)
     torch.testing.assert_close(cpu[0].grad, original * (1.0 / (100.0 + 1e-6)), **tol(torch.float32))
     gpu = make_params([(3000,)], "cuda", seed=2)

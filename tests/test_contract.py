@@ -97,6 +97,40 @@ def test_every_compiled_op_is_registered():
     assert kernels == set(_library.REGISTRY)
 
 
+def test_the_shipped_extension_holds_no_launch_check():
+    """The launch checks are test ops: they live in ganops._C_launch_checks (built for the
+    suite, not shipped), never in ganops._C."""
+    import importlib.util
+    import re
+    spec = importlib.util.find_spec("ganops._C")
+    if spec is None or not spec.origin:
+        pytest.skip("the compiled extension is not built")
+    with open(spec.origin, "rb") as f:
+        assert not re.search(rb"_cuda_launch_check", f.read())
+
+
+def _expanded(*shape):
+    """A tensor of ``shape`` too large to exist: one element, expanded."""
+    return torch.zeros((1,) * len(shape)).expand(*shape)
+
+
+@pytest.mark.parametrize("launch", ["gradient_penalty", "minibatch_discrimination"])
+def test_a_grid_past_cudas_limit_is_refused_with_a_clear_error(launch):
+    """The CUDA host code checks a 1-D grid against CUDA's limit of 2^31 - 1 blocks before it
+    launches (ganops/grid.h); each launch check makes the same check with the same sizes, on
+    inputs expanded past it."""
+    if launch == "gradient_penalty":
+        # One chunk per sample: 2^31 + 1 samples, 2^31 + 1 blocks.
+        g = _expanded(2**31 + 1, 1)
+        call = lambda: torch.ops.ganops._gradient_penalty_cuda_launch_check(g, g, g, 1.0, False, 10.0)  # noqa: E731
+    else:
+        # One thread per (i, b) row, 256 per block: 2^40 rows, 2^32 blocks.
+        M, grad = _expanded(2**20, 2**20, 1), _expanded(2**20, 2**20)
+        call = lambda: torch.ops.ganops._minibatch_discrimination_cuda_launch_check(M, grad, M, True)  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"past CUDA's limit of 2\^31 - 1 blocks"):
+        call()
+
+
 # ---------------------------------------------------------------------------------------
 # opcheck, fakes, agreement with the reference
 # ---------------------------------------------------------------------------------------

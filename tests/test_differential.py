@@ -25,7 +25,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import assume, given, note
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -605,6 +605,61 @@ def test_clip_grad_value(device, backend, data):
     for i, (param, g0) in enumerate(zip(params, grads0)):
         e = g0.cpu().double().clamp(-clip_value, clip_value)
         assert_agree(param.grad, e, e.to(g0.dtype), g0.dtype, f"clipped gradient {i}")
+
+
+# ---------------------------------------------------------------------------------------
+# Every registered op, from the registry
+# ---------------------------------------------------------------------------------------
+# The op list is _library.REGISTRY: an op is in the differential suite as soon as its hub
+# declares it, with no edit here. Its examples in a drawn dtype (the hub's, which keeps
+# their dtype relations: an accumulator in float32 beside half tensors) are redrawn in a
+# drawn memory layout, and the registered op on each backend is compared, output by output
+# and mutated argument by mutated argument, with its reference run on the same arguments
+# and on them in float64 (assert_agree's rule). The public functions' own tests above draw shapes, arguments and
+# special values per op.
+
+def _redrawn(value, layout, device, dtype=None):
+    """A copy of an example's argument with its tensors in ``layout`` on ``device`` (and in
+    ``dtype``, where given)."""
+    if isinstance(value, torch.Tensor):
+        return with_layout(value.detach().cpu().to(dtype or value.dtype, copy=True), layout).to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redrawn(v, layout, device, dtype) for v in value)
+    return value
+
+
+def _results(op, args, result) -> list[torch.Tensor]:
+    """The op's outputs, then the tensors of its mutated arguments."""
+    outs = [result] if isinstance(result, torch.Tensor) else list(result or ())
+    for name in op.mutated_args:
+        arg = args[op.arg_names.index(name)]
+        outs += arg if isinstance(arg, (list, tuple)) else [arg]
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(ganops._library.REGISTRY))
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@settings(max_examples=min(settings.default.max_examples, 5))
+@given(data=st.data())
+def test_registered_op_against_its_float64_reference(name, device, backend, data):
+    op = ganops._library.REGISTRY[name]
+    assert op.examples is not None, f"{name} declares no examples"
+    dtype = data.draw(st.sampled_from(FLOATS))
+    layout = data.draw(st.sampled_from(LAYOUTS))
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    examples = op.examples("cpu", dtype)
+    example = examples[data.draw(st.integers(0, len(examples) - 1))]
+    note(f"{name} example {example!r:.200} in {dtype}, {layout}")
+    with torch.no_grad():
+        actual_args = _redrawn(example, layout, device)
+        actual = _results(op, actual_args, ganops._library.call(op, backend, device, *actual_args))
+        exact_args = _redrawn(example, layout, "cpu", torch.float64)
+        exact = _results(op, exact_args, op.reference(*exact_args))
+        low_args = _redrawn(example, layout, "cpu")
+        low = _results(op, low_args, op.reference(*low_args))
+    assert len(actual) == len(exact)
+    for k, (a, e, lo) in enumerate(zip(actual, exact, low)):
+        assert_agree(a, e, lo, dtype, f"{name} result {k}", factor=factor_for(dtype, backend))
 
 
 # ---------------------------------------------------------------------------------------

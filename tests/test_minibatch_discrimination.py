@@ -246,25 +246,27 @@ def test_compiled_ops_check_their_inputs():
     """Direct torch.ops calls, which skip the Python checks, get errors naming the argument."""
     ops = torch.ops.ganops
     with pytest.raises(RuntimeError, match="M must be 3-D"):
-        ops.minibatch_similarity(torch.randn(4, 5), True)
+        ops.minibatch_discrimination(torch.randn(4, 5), True)
     with pytest.raises(RuntimeError, match="at least one sample"):
-        ops.minibatch_similarity(torch.randn(0, 5, 3), True)
+        ops.minibatch_discrimination(torch.randn(0, 5, 3), True)
     with pytest.raises(RuntimeError, match="grad must have shape"):
-        ops.minibatch_similarity_backward(torch.randn(4, 4), torch.randn(4, 5, 3))
+        ops.minibatch_discrimination_backward(torch.randn(4, 4), torch.randn(4, 5, 3))
     with pytest.raises(RuntimeError, match="grad must have M's dtype"):
-        ops.minibatch_similarity_backward(torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, 3))
+        ops.minibatch_discrimination_backward(torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, 3))
     with pytest.raises(RuntimeError, match="grad_grad_M must have shape"):
-        ops.minibatch_similarity_double_backward(torch.randn(4, 5, 2), torch.randn(4, 5), torch.randn(4, 5, 3))
+        ops.minibatch_discrimination_double_backward(torch.randn(4, 5, 2), torch.randn(4, 5), torch.randn(4, 5, 3))
 
 
-@pytest.mark.parametrize("N,B,C", [(1, 1, 1), (3, 5, 2), (300, 1, 3), (33, 17, 16), (9, 64, 5)])
+# C = 16 is the widest row the backward passes keep in registers, C = 17 the narrowest they
+# accumulate in place (minibatch_discrimination.h's kRegisterC).
+@pytest.mark.parametrize("N,B,C", [(1, 1, 1), (3, 5, 2), (300, 1, 3), (33, 17, 16), (9, 64, 5), (7, 3, 17)])
 def test_cuda_launch_check(N, B, C):
     """The CUDA kernels' per-thread functions, run on the CPU for every (block, thread) of
     the launch the CUDA host code chooses: each (i, b) row exactly once, right values."""
     M = make_M(N, B, C, torch.float64)
     g = torch.randn(N, B, dtype=torch.float64)
     h = torch.randn(N, B, C, dtype=torch.float64)
-    coverage, o, dM, dg, dM2 = torch.ops.ganops._minibatch_similarity_cuda_launch_check(M, g, h, True)
+    coverage, o, dM, dg, dM2 = torch.ops.ganops._minibatch_discrimination_cuda_launch_check(M, g, h, True)
     assert torch.equal(coverage, torch.ones(N, B, dtype=torch.int32))
     o_exact, dM_exact = values_and_grad(lambda x: naive_similarity(x, True), M, g)
     torch.testing.assert_close(o, o_exact, **tol(torch.float64))

@@ -603,8 +603,8 @@ def test_triton_launchers_make_the_tensors_device_current():
     launchers = [spectral_norm.spectral_norm_forward_, spectral_norm.spectral_norm_backward,
                  gradient_penalty.interpolate, gradient_penalty.interpolate_backward,
                  gradient_penalty.gradient_norm_penalty, gradient_penalty.gradient_norm_penalty_backward,
-                 minibatch_discrimination.similarity, minibatch_discrimination.similarity_backward,
-                 minibatch_discrimination.similarity_double_backward]
+                 minibatch_discrimination.minibatch_discrimination, minibatch_discrimination.minibatch_discrimination_backward,
+                 minibatch_discrimination.minibatch_discrimination_double_backward]
     assert all(getattr(f, "guards_device", False) for f in launchers)
 
 

@@ -24,6 +24,9 @@ version = re.match(r"ganops-([^-]+)-", wheel.rsplit("/", 1)[-1]).group(1)
 with zipfile.ZipFile(wheel) as z:
     meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     info = z.read("ganops/_build_info.py").decode()
+    # The launch checks are test ops (ganops._C_launch_checks): never shipped.
+    test_only = [n for n in z.namelist() if "_C_launch_checks" in n]
+assert not test_only, f"{wheel} ships the test-only extension: {test_only}"
 requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist: torch")]
 built_for = re.search(r"'torch_version': '([^'+]+)", info).group(1)
 # A local tag (+pt2141cu130) is a build for one torch: its metadata must pin exactly that one.

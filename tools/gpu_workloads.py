@@ -1,10 +1,20 @@
-"""Small calls of every ganops op, forward, backward and double backward, for the GPU
-scripts: tools/sanitize_ops.py runs each once under compute-sanitizer, tools/graph_check.py
-captures each in a CUDA graph and replays it against eager.
+"""The calls the GPU scripts make: tools/sanitize_ops.py runs each once under
+compute-sanitizer, tools/graph_check.py captures each in a CUDA graph and replays it against
+eager.
+
+Derived from the op registry (ganops._library.REGISTRY), so a new op is covered when its hub
+declares it, with no edit here: one workload per registered op and argument tuple of its
+``examples`` (and of its ``gpu_examples``, where the hub declares sizes that reach kernel
+variants the small examples do not), forward and, where the op has a backward and an
+argument requires grad, the backward into those arguments. Arguments the schema marks as
+mutated (``Tensor(a!)``) are restored before every call. Backward ops are registered ops of
+their own with their own examples, so double backward kernels are covered the same way.
+Beside them, a few calls of the public API that compose ops (the spectral-norm module, the
+penalties through a critic's double backward), and the whole WGAN-GP training step.
 
 A Workload holds its inputs (allocated once, so a captured graph can read them), a
-``reset`` that restores the state an op changes in place (power-iteration vectors,
-gradients), and ``run``, which returns the tensors to compare.
+``reset`` that restores the state an op changes in place, and ``run``, which returns the
+tensors to compare.
 """
 
 from __future__ import annotations
@@ -16,6 +26,10 @@ import torch
 from torch import nn
 
 import ganops
+from ganops import _library
+
+# Every dtype's kernels are instantiated apart: the sanitizer sees each once.
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclasses.dataclass
@@ -23,6 +37,7 @@ class Workload:
     name: str
     run: Callable[[], tuple[torch.Tensor, ...]]
     reset: Callable[[], None] = lambda: None
+    op: str | None = None  # the registered op it calls, if it is one op's workload
 
 
 def _restorer(tensors: list[torch.Tensor]) -> Callable[[], None]:
@@ -35,6 +50,57 @@ def _restorer(tensors: list[torch.Tensor]) -> Callable[[], None]:
             for t, s in zip(tensors, saved):
                 t.copy_(s)
     return reset
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors of an argument or a result: a tensor, a list or tuple of them, or none."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def op_workload(op: _library.Op, backend: str, device: str, name: str, args: tuple) -> Workload:
+    """``op(*args)`` on ``backend``, then its backward (fixed random weights on the outputs)
+    into every argument that requires grad."""
+    mutated = [t for arg in op.mutated_args for t in _tensors(args[op.arg_names.index(arg)])]
+    reset = _restorer(mutated)
+    inputs = [t for t in _tensors(args) if t.requires_grad]
+
+    def forward() -> list[torch.Tensor]:
+        return _tensors(_library.call(op, backend, device, *args))
+
+    # The outputs' shapes for the weights of the backward: one eager call, undone.
+    outs = forward()
+    reset()
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device, o.dtype) if o.requires_grad
+               else None for o in outs]
+    differentiable = op.backward is not None and inputs and any(w is not None for w in weights)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        outs = forward()
+        if not differentiable:
+            return (*outs, *mutated)
+        loss = sum((o * w).sum() for o, w in zip(outs, weights) if w is not None)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return (*outs, *mutated, *(g for g in grads if g is not None))
+    return Workload(name, run, reset, op.name)
+
+
+def op_workloads(device: str, backend: str, dtypes=(torch.float32,)) -> list[Workload]:
+    """Every registered op's workloads: all its argument tuples in the first dtype, the
+    first one in each other dtype."""
+    out = []
+    for op in _library.REGISTRY.values():
+        for k, dtype in enumerate(dtypes):
+            torch.manual_seed(0)
+            cases = list(op.examples(device, dtype) if op.examples else [])
+            cases += list(op.gpu_examples(device, dtype) if op.gpu_examples else [])
+            for i, args in enumerate(cases if k == 0 else cases[:1]):
+                out.append(op_workload(op, backend, device, f"{op.name}[{i}] {str(dtype).split('.')[1]}", args))
+    return out
 
 
 def small_critic(device: str) -> nn.Module:
@@ -51,39 +117,15 @@ def _param_grads(loss, module) -> tuple[torch.Tensor, ...]:
     return tuple(g for g in grads if g is not None)
 
 
-def _grad_params(shapes, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = nn.Parameter(torch.randn(shape, generator=g).to(device))
-        p.grad = torch.randn(shape, generator=g).to(device)
-        params.append(p)
-    return params
-
-
-def workloads(device: str, backend: str) -> list[Workload]:
-    """One workload per op (and per kernel variant worth its own launch), on ``device``."""
+def api_workloads(device: str, backend: str) -> list[Workload]:
+    """The public calls that compose registered ops: the spectral-norm module's forward and
+    backward, and the penalties differentiated twice through a critic."""
     g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, grad=False):
-        t = torch.randn(*shape, generator=g).to(device)
-        return t.requires_grad_(grad)
-
     out: list[Workload] = []
-
-    # Spectral normalization: power iteration (u, v updated in place), sigma, and the
-    # backward into the weight.
-    w, u, v, w_out = randn(16, 4, 3, 3, grad=True), randn(16), randn(36), randn(16, 4, 3, 3)
-
-    def spectral():
-        w_sn, sigma = ganops.spectral_normalize(w, u, v, n_power_iterations=2, backend=backend)
-        (gw,) = torch.autograd.grad((w_sn * w_out).sum(), w)
-        return w_sn, sigma, u, v, gw
-    out.append(Workload("spectral_normalize fwd+bwd", spectral, _restorer([u, v])))
 
     torch.manual_seed(1)
     conv = ganops.spectral_norm(nn.Conv2d(4, 8, 3), backend=backend).to(device)
-    x_conv = randn(2, 4, 6, 6)
+    x_conv = torch.randn(2, 4, 6, 6, generator=g).to(device)
 
     def spectral_module():
         y = conv(x_conv)
@@ -91,78 +133,25 @@ def workloads(device: str, backend: str) -> list[Workload]:
         return (y, *grads)
     out.append(Workload("spectral_norm module fwd+bwd", spectral_module, _restorer(list(conv.buffers()))))
 
-    # Gradient penalty: interpolation, the fused norm penalty, and both through a critic
-    # (double backward into the critic's parameters).
-    real, fake, alpha, g_interp = randn(4, 3, 8, 8, grad=True), randn(4, 3, 8, 8, grad=True), randn(4, grad=True), randn(4, 3, 8, 8)
-
-    def interp():
-        x_hat = ganops.interpolate(real, fake, alpha, backend=backend)
-        return (x_hat, *torch.autograd.grad((x_hat * g_interp).sum(), (real, fake, alpha)))
-    out.append(Workload("interpolate fwd+bwd", interp))
-
-    grads_in, scale = randn(4, 3, 8, 8, grad=True), torch.tensor(0.5, device=device)
-    for one_sided in (False, True):
-        def norm_penalty(one_sided=one_sided):
-            p = ganops.gradient_norm_penalty(grads_in, weight=10.0, one_sided=one_sided, inv_scale=scale,
-                                             backend=backend)
-            return (p, *torch.autograd.grad(p, grads_in))
-        out.append(Workload(f"gradient_norm_penalty fwd+bwd one_sided={one_sided}", norm_penalty))
-
     critic = small_critic(device)
-    alpha_fixed = torch.rand(4, generator=g).to(device)
-    real_d, fake_d = real.detach(), fake.detach()
+    real, fake = torch.randn(4, 3, 8, 8, generator=g).to(device), torch.randn(4, 3, 8, 8, generator=g).to(device)
+    alpha = torch.rand(4, generator=g).to(device)
 
     def wgan_gp():
-        p = ganops.gradient_penalty(critic, real_d, fake_d, alpha=alpha_fixed, backend=backend)
+        p = ganops.gradient_penalty(critic, real, fake, alpha=alpha, backend=backend)
         return (p, *_param_grads(p, critic))
     out.append(Workload("gradient_penalty (double backward)", wgan_gp))
 
     def r1():
-        p = ganops.r1_penalty(critic, real_d, gamma=10.0, backend=backend)
+        p = ganops.r1_penalty(critic, real, gamma=10.0, backend=backend)
         return (p, *_param_grads(p, critic))
     out.append(Workload("r1_penalty (double backward)", r1))
-
-    # Minibatch discrimination: forward, backward and the backward of the backward.
-    M, w_o, w_g = randn(6, 5, 4, grad=True), randn(6, 5), randn(6, 5, 4)
-    for exclude_self in (True, False):
-        def similarity(exclude_self=exclude_self):
-            o = ganops.minibatch_similarity(M, exclude_self=exclude_self, backend=backend)
-            (gM,) = torch.autograd.grad((o * w_o).sum(), M, create_graph=True)
-            (ggM,) = torch.autograd.grad((gM * w_g).sum(), M)
-            return o, gM, ggM
-        out.append(Workload(f"minibatch_similarity gradgrad exclude_self={exclude_self}", similarity))
-
-    # Clipping: multi-tensor norms of several orders, the in-place scale.
-    params = _grad_params([(33,), (7, 5), (2, 3, 4), (1,)], device, seed=5)
-    grads = [p.grad for p in params]
-    reset_grads = _restorer(grads)
-    for norm_type in (2.0, 1.0, float("inf")):
-        def total(norm_type=norm_type):
-            return (ganops.get_total_norm(grads, norm_type, backend=backend),)
-        out.append(Workload(f"get_total_norm p={norm_type:g}", total))
-
-    def clip():
-        return (ganops.clip_grad_norm_(params, 0.5, backend=backend), *grads)
-    out.append(Workload("clip_grad_norm_", clip, reset_grads))
-
-    fixed_total = torch.tensor(4.0, device=device)
-
-    def clip_with_norm():
-        ganops.clip_grads_with_norm_(params, 0.5, fixed_total, backend=backend)
-        return tuple(grads)
-    out.append(Workload("clip_grads_with_norm_", clip_with_norm, reset_grads))
-
-    def norms():
-        total_norm, per_tensor = ganops.grad_norm(params, per_tensor=True, backend=backend)
-        return (total_norm, *per_tensor)
-    out.append(Workload("grad_norm per_tensor", norms))
-
-    if hasattr(ganops, "clip_grad_value_"):
-        def clip_value():
-            ganops.clip_grad_value_(params, 0.3, backend=backend)
-            return tuple(grads)
-        out.append(Workload("clip_grad_value_", clip_value, reset_grads))
     return out
+
+
+def workloads(device: str, backend: str, dtypes=(torch.float32,)) -> list[Workload]:
+    """Every registered op's workloads, then the public API's."""
+    return op_workloads(device, backend, dtypes) + api_workloads(device, backend)
 
 
 class Generator(nn.Module):

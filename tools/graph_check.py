@@ -4,7 +4,9 @@ then shown, not claimed: a host sync fails the capture.
 
     python tools/graph_check.py [--json PATH] [--backends cpp,triton] [--steps N]
 
-For each backend that can serve CUDA tensors: each workload of tools/gpu_workloads.py is
+For each backend that can serve CUDA tensors: each workload of tools/gpu_workloads.py (every
+registered op on each of its float32 examples, forward and backward, and the public calls
+that compose them) is
 warmed up on a side stream, captured, and replayed from the same reset state as an eager
 call; outputs must agree (bit-identical is reported separately, it is not required: cuBLAS
 and cuDNN may pick other algorithms inside a capture). The training step: two identical

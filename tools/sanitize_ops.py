@@ -1,5 +1,9 @@
-"""Calls every CUDA kernel of ganops once (forward, backward, double backward) for
-compute-sanitizer: ``compute-sanitizer --tool memcheck python tools/sanitize_ops.py``.
+"""Calls every CUDA kernel of ganops once for compute-sanitizer:
+``compute-sanitizer --tool memcheck --kernel-name kns=ganops python tools/sanitize_ops.py``.
+
+The calls are tools/gpu_workloads.py's, derived from the op registry: every registered op
+on each of its examples in float32 and on its first one in every other dtype, forward and
+backward (backward and double backward ops are registered ops of their own).
 
 The compiled (cpp) backend only: the sanitizer is for the CUDA kernels; the Triton ones are
 checked by the test suite and tools/graph_check.py. Without a GPU, or without ganops' CUDA
@@ -16,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import ganops  # noqa: E402
-from gpu_workloads import no_gpu_reason, workloads  # noqa: E402
+from gpu_workloads import ALL_DTYPES, no_gpu_reason, workloads  # noqa: E402
 
 
 def main() -> int:
@@ -24,7 +28,7 @@ def main() -> int:
     if reason:
         print(f"skipped: {reason}")
         return 0
-    calls = workloads("cuda", "cpp")
+    calls = workloads("cuda", "cpp", ALL_DTYPES)
     for w in calls:
         w.reset()
         out = w.run()

@@ -3,10 +3,11 @@ and ganops.clip_grad_value_.
 
 Parallel in structure to csrc/clip_grad_norm/clip_grad_norm_cuda.cu: the same chunk
 tables (one int64 buffer of data pointers, per-tensor chunk ranges and per-chunk
-tensor/offset/length), one program per chunk for the partials, one finishing program that
-combines them in a fixed order, and in-place kernels (scale, clamp) that walk the same
-chunks. Launches: one per grad dtype for the partials, one finishing; one per dtype for the
-scale or the clamp.
+tensor/offset/length), one program per chunk for the partials, a two-stage finish that
+combines them in a fixed order (one program per tensor over its chunks, then one program
+over the tensors), and in-place kernels (scale, clamp) that walk the same chunks. Launches:
+one per grad dtype for the partials, two finishing (the second also computes the clip
+coefficient once, for clip_grad_norm_); one per dtype for the scale or the clamp.
 
 Float arguments reach a compiled Triton kernel as float32, so the float64 numbers (p, 1/p,
 max_norm, clip_value) travel as the int64 bit patterns of doubles and are reinterpreted on
@@ -149,30 +150,26 @@ def _chunk_partial_kernel(table_ptr, n_tensors, n_chunks, first_chunk, partials_
 
 
 @triton.jit
-def _finish_kernel(table_ptr, n_tensors, partials_ptr, per_tensor_ptr, total_ptr, inv_p_bits,
-                   KIND: tl.constexpr, PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _tensor_finish_kernel(table_ptr, n_tensors, partials_ptr, sums_ptr, per_tensor_ptr, inv_p_bits,
+                          KIND: tl.constexpr, PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """The finish's first stage: program k combines tensor k's chunk partials (lane i takes
+    chunks i, i + BLOCK, ..., then the lanes are reduced) into sums[k]."""
     out_ty = partials_ptr.dtype.element_ty
-    inv_p = _f64(inv_p_bits).to(out_ty)
-    total = tl.zeros([BLOCK], out_ty)
-    for start in range(0, n_tensors, BLOCK):
-        k = start + tl.arange(0, BLOCK)
-        in_range = k < n_tensors
-        first = tl.load(table_ptr + n_tensors + k, mask=in_range, other=0)
-        count = tl.load(table_ptr + 2 * n_tensors + k, mask=in_range, other=0)
-        acc = tl.zeros([BLOCK], out_ty)
-        for j in range(0, tl.max(count, 0)):
-            part = tl.load(partials_ptr + first + j, mask=j < count, other=0)
-            acc = _combine(acc, part, KIND)
-        if PER_TENSOR:
-            tl.store(per_tensor_ptr + k, _finish(acc, KIND, inv_p), mask=in_range)
-        total = _combine(total, acc, KIND)
-    tl.store(total_ptr, _finish(_reduce(total, KIND), KIND, inv_p))
+    k = tl.program_id(0)
+    first = tl.load(table_ptr + n_tensors + k)
+    count = tl.load(table_ptr + 2 * n_tensors + k)
+    acc = tl.zeros([BLOCK], out_ty)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        acc = _combine(acc, tl.load(partials_ptr + first + j, mask=j < count, other=0), KIND)
+    tensor_sum = _reduce(acc, KIND)
+    tl.store(sums_ptr + k, tensor_sum)
+    if PER_TENSOR:
+        tl.store(per_tensor_ptr + k, _finish(tensor_sum, KIND, _f64(inv_p_bits).to(out_ty)))
 
 
 @triton.jit
-def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, max_norm_bits,
-                        DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    total = tl.load(total_ptr)
+def _clip_coefficient(total, max_norm_bits):
     max_norm = _f64(max_norm_bits).to(total.dtype)
     # torch.nn.utils.clip_grads_with_norm_'s coefficient, in the norm's dtype; correctly
     # rounded division in float32 (the plain '/' is approximate there). A NaN coefficient
@@ -181,7 +178,35 @@ def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, total_ptr, 
         coef = tl.div_rn(max_norm, total + 1e-6)
     else:
         coef = max_norm / (total + 1e-6)
-    coef = tl.where(coef > 1, 1, coef).to(total.dtype)
+    return tl.where(coef > 1, 1, coef).to(total.dtype)
+
+
+@triton.jit
+def _total_finish_kernel(sums_ptr, n_tensors, total_ptr, coef_ptr, inv_p_bits, max_norm_bits, KIND: tl.constexpr,
+                         CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """The second stage, one program: the tensor sums combined into the total norm, and,
+    when clipping, its clip coefficient, computed here once for every scale program."""
+    out_ty = sums_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], out_ty)
+    for start in range(0, n_tensors, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        acc = _combine(acc, tl.load(sums_ptr + k, mask=k < n_tensors, other=0), KIND)
+    total = _finish(_reduce(acc, KIND), KIND, _f64(inv_p_bits).to(out_ty))
+    tl.store(total_ptr, total)
+    if CLIP:
+        tl.store(coef_ptr, _clip_coefficient(total, max_norm_bits))
+
+
+@triton.jit
+def _coefficient_kernel(total_ptr, coef_ptr, max_norm_bits):
+    """The clip coefficient of a norm given by the caller (multi_tensor_scale_), once."""
+    tl.store(coef_ptr, _clip_coefficient(tl.load(total_ptr), max_norm_bits))
+
+
+@triton.jit
+def _chunk_scale_kernel(table_ptr, n_tensors, n_chunks, first_chunk, coef_ptr,
+                        DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    coef = tl.load(coef_ptr)
     # Multiplying by exactly 1 changes no value: leave the chunk unread and unwritten.
     if coef != 1:
         chunk, length = _chunk(table_ptr, n_tensors, n_chunks, first_chunk + tl.program_id(0), DTYPE)
@@ -239,34 +264,76 @@ def _group_by_dtype(tensors: list[torch.Tensor], device: torch.device) -> dict:
     return groups
 
 
-# Device tables recorded into CUDA graphs, with the pinned staging they are copied from,
-# keyed by device and contents. A graph replays the captured host-to-device copy from the
-# staging memory every time, so neither may be freed (nor its memory handed out again)
-# while a graph may replay: entries are never evicted. Keying by contents bounds the
-# cache by the number of distinct clip calls captured (recapturing the same call reuses
-# its entry), a handful per program. Outside capture the staging needs no keeping: the
-# caching host allocator holds a pinned block until the copy recorded on it has run.
-# Pinning during capture is allowed: torch's host allocator marks blocks allocated while a
-# stream captures. Whether a block would outlive every graph differs across the torch
-# versions we support, so the entry holds it. (Run here without a GPU: the CUDA-graph
-# test in tests/test_clip_grad_norm.py checks capture and replay where one exists.)
-_CAPTURED_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Values per launch of _upload_kernel, each as two int32 halves (32 parameters).
+UPLOAD_VALUES = 16
+_HALF = 1 << 31
+
+
+@triton.jit
+def _put(table_ptr, offset, count, i: tl.constexpr, hi, lo):
+    # value = hi * 2^31 + lo, both halves non-negative int32 (table values are below 2^62).
+    if i < count:
+        tl.store(table_ptr + offset + i, (hi.to(tl.int64) << 31) | lo.to(tl.int64))
+
+
+# Every half is an int32 whatever its value, and none is specialised (on being 1 or a
+# multiple of 16): one compiled kernel serves every table.
+@triton.jit(do_not_specialize=["offset", "count", "h0", "l0", "h1", "l1", "h2", "l2", "h3", "l3", "h4", "l4", "h5", "l5", "h6", "l6", "h7", "l7", "h8", "l8", "h9", "l9", "h10", "l10", "h11", "l11", "h12", "l12", "h13", "l13", "h14", "l14", "h15", "l15"])
+def _upload_kernel(table_ptr, offset, count, h0, l0, h1, l1, h2, l2, h3, l3, h4, l4, h5, l5, h6, l6, h7, l7, h8, l8, h9, l9, h10, l10, h11, l11, h12, l12, h13, l13, h14, l14, h15, l15):
+    _put(table_ptr, offset, count, 0, h0, l0)
+    _put(table_ptr, offset, count, 1, h1, l1)
+    _put(table_ptr, offset, count, 2, h2, l2)
+    _put(table_ptr, offset, count, 3, h3, l3)
+    _put(table_ptr, offset, count, 4, h4, l4)
+    _put(table_ptr, offset, count, 5, h5, l5)
+    _put(table_ptr, offset, count, 6, h6, l6)
+    _put(table_ptr, offset, count, 7, h7, l7)
+    _put(table_ptr, offset, count, 8, h8, l8)
+    _put(table_ptr, offset, count, 9, h9, l9)
+    _put(table_ptr, offset, count, 10, h10, l10)
+    _put(table_ptr, offset, count, 11, h11, l11)
+    _put(table_ptr, offset, count, 12, h12, l12)
+    _put(table_ptr, offset, count, 13, h13, l13)
+    _put(table_ptr, offset, count, 14, h14, l14)
+    _put(table_ptr, offset, count, 15, h15, l15)
+
+
+def _uploaded(values: list[int], device: torch.device) -> torch.Tensor:
+    """The table on the device, its values carried in kernel parameters (UPLOAD_VALUES per
+    launch) rather than copied from host memory.
+
+    For CUDA-graph capture: a captured host-to-device copy becomes a node that reads its
+    host buffer at every replay, long after the call freed it (and pinning inside a capture
+    is not safe on every torch the package supports); kernel parameters are stored with
+    the graph's nodes, so nothing outlives the graph and nothing needs keeping. The table
+    itself comes from the graph's memory pool, as every temporary of a captured call does.
+    """
+    table = torch.empty(max(len(values), 1), dtype=torch.int64, device=device)
+    with _on(device):
+        for offset in range(0, len(values), UPLOAD_VALUES):
+            part = values[offset:offset + UPLOAD_VALUES]
+            halves = [h for v in part for h in divmod(v, _HALF)]
+            halves += [0] * (2 * UPLOAD_VALUES - len(halves))
+            _upload_kernel[(1,)](table, offset, len(part), *halves)
+    return table
+
+
+# Devices on which _upload_kernel has run once eagerly: compiled and loaded before any
+# capture needs it (loading a module inside a capture is not allowed), as the warm-up calls
+# a capture requires do for every other kernel.
+_UPLOAD_LOADED: set[torch.device] = set()
 
 
 def _table_on_device(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.int64, device=device)
     if torch.cuda.is_current_stream_capturing():
-        key = (device, tuple(values))
-        entry = _CAPTURED_TABLES.get(key)
-        if entry is None:
-            host = torch.tensor(values, dtype=torch.int64).pin_memory()
-            entry = (host, torch.empty(len(values), dtype=torch.int64, device=device))
-            _CAPTURED_TABLES[key] = entry
-        # Copied again in every graph that uses the entry, so each graph fills the table
-        # itself instead of relying on another graph having run.
-        entry[1].copy_(entry[0], non_blocking=True)
-        return entry[1]
+        return _uploaded(values, device)
+    if device not in _UPLOAD_LOADED:
+        _uploaded([0], device)
+        _UPLOAD_LOADED.add(device)
+    # Eagerly: one copy from pinned staging, whose block the caching host allocator keeps
+    # until the copy recorded on it has run.
     return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
@@ -317,49 +384,60 @@ class _Work:
 
 
 
-def _norm(w: _Work, norm_type: float, per_tensor: bool):
+def _norm(w: _Work, norm_type: float, per_tensor: bool, max_norm: float | None = None):
+    """(total, per-tensor norms, clip coefficient for max_norm or None)."""
     device, out_dtype, n = w.device, w.out_dtype, len(w.work)
     kind = norm_kind(norm_type)
     partials = torch.empty(max(w.n_chunks, 1), dtype=out_dtype, device=device)
+    sums = torch.empty(n, dtype=out_dtype, device=device)
     total = torch.empty((), dtype=out_dtype, device=device)
     per = torch.empty(n if per_tensor else 0, dtype=out_dtype, device=device)
+    clip = max_norm is not None
+    coef = torch.empty((), dtype=out_dtype, device=device) if clip else None
     inv_p = 1.0 / norm_type  # as the C++ kernels: the reciprocal in double, then rounded
     with _on(device):
         for dtype, first, count in w.groups:
             _chunk_partial_kernel[(count,)](w.table, n, w.n_chunks, first, partials, _bits(norm_type, dtype),
                                             KIND=kind, DTYPE=_TL_DTYPES[dtype], ACC=acc_tl(dtype),
                                             BLOCK=BLOCK)
-        _finish_kernel[(1,)](w.table, n, partials, per if per_tensor else total, total,
-                             _bits(inv_p, out_dtype), KIND=kind, PER_TENSOR=per_tensor,
-                             BLOCK=FINISH_BLOCK)
-    return total, per
+        inv_p_bits = _bits(inv_p, out_dtype)
+        _tensor_finish_kernel[(n,)](w.table, n, partials, sums, per if per_tensor else sums, inv_p_bits,
+                                    KIND=kind, PER_TENSOR=per_tensor, BLOCK=FINISH_BLOCK)
+        _total_finish_kernel[(1,)](sums, n, total, coef if clip else total, inv_p_bits,
+                                   _bits(max_norm if clip else 0.0, out_dtype), KIND=kind, CLIP=clip,
+                                   BLOCK=FINISH_BLOCK)
+    return total, per, coef
 
 
-def _scale_(w: _Work, total_norm: torch.Tensor, max_norm: float) -> None:
-    max_norm_bits = _bits(max_norm, total_norm.dtype)
+def _scale_(w: _Work, coef: torch.Tensor) -> None:
     with _on(w.device):
         for dtype, first, count in w.groups:
-            _chunk_scale_kernel[(count,)](w.table, len(w.work), w.n_chunks, first, total_norm, max_norm_bits,
+            _chunk_scale_kernel[(count,)](w.table, len(w.work), w.n_chunks, first, coef,
                                           DTYPE=_TL_DTYPES[dtype], ACC=acc_tl(dtype), BLOCK=BLOCK)
 
 
 def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float, per_tensor: bool):
     """(total norm, per-tensor norms or an empty tensor); float64 if any input is, else float32."""
-    return _norm(_Work(tensors), norm_type, per_tensor)
+    total, per, _ = _norm(_Work(tensors), norm_type, per_tensor)
+    return total, per
 
 
 def multi_tensor_scale_(tensors: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scales every tensor in place by min(max_norm / (total_norm + 1e-6), 1)."""
     w = _Work(tensors)
-    _scale_(w, total_norm, max_norm)
+    coef = torch.empty((), dtype=total_norm.dtype, device=w.device)
+    with _on(w.device):
+        _coefficient_kernel[(1,)](total_norm, coef, _bits(max_norm, total_norm.dtype))
+    _scale_(w, coef)
     w.write_back()
 
 
 def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
-    """The norm, then the scale, over one table: returns the norm before clipping."""
+    """The norm and its clip coefficient, then the scale, over one table: returns the norm
+    before clipping."""
     w = _Work(grads)
-    total, _ = _norm(w, norm_type, False)
-    _scale_(w, total, max_norm)
+    total, _, coef = _norm(w, norm_type, False, max_norm)
+    _scale_(w, coef)
     w.write_back()
     return total
 

@@ -169,7 +169,7 @@ def _launch_args(M: torch.Tensor, per_column: bool):
 
 
 @on_device
-def similarity(M: torch.Tensor, exclude_self: bool) -> torch.Tensor:
+def minibatch_discrimination(M: torch.Tensor, exclude_self: bool) -> torch.Tensor:
     """o (N, B) in M's dtype for M (N, B, C)."""
     M = M.contiguous()
     N, B, C, acc, grid, _, blocks = _launch_args(M, per_column=False)
@@ -180,7 +180,7 @@ def similarity(M: torch.Tensor, exclude_self: bool) -> torch.Tensor:
 
 
 @on_device
-def similarity_backward(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+def minibatch_discrimination_backward(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """dM (N, B, C) for the gradient ``grad`` (N, B) of o."""
     M, grad = M.contiguous(), grad.contiguous()
     N, B, C, acc, grid, n_col_tiles, blocks = _launch_args(M, per_column=True)
@@ -191,8 +191,8 @@ def similarity_backward(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 @on_device
-def similarity_double_backward(grad_grad_M: torch.Tensor, grad: torch.Tensor, M: torch.Tensor):
-    """(d/d grad, d/d M) of <grad_grad_M, similarity_backward(grad, M)>."""
+def minibatch_discrimination_double_backward(grad_grad_M: torch.Tensor, grad: torch.Tensor, M: torch.Tensor):
+    """(d/d grad, d/d M) of <grad_grad_M, minibatch_discrimination_backward(grad, M)>."""
     M, grad, h = M.contiguous(), grad.contiguous(), grad_grad_M.contiguous()
     N, B, C, acc, grid, n_col_tiles, blocks = _launch_args(M, per_column=True)
     d_grad = torch.empty_like(grad)

@@ -2,8 +2,8 @@
 //
 // Every tensor is cut into chunks of kChunkSize elements; chunk (tensor k, offset o) covers
 // elements [o, min(o + kChunkSize, numel_k)). One CUDA block (one Triton program) reduces
-// one chunk to a partial; a finishing step combines each tensor's chunks in order, then the
-// tensors in order. The CPU kernel uses the same chunks, one per parallel task, so its result
+// one chunk to a partial; a finishing step combines each tensor's chunks, then the tensors,
+// in a fixed order (tensor_finish_thread, total_finish_thread). The CPU kernel uses the same chunks, one per parallel task, so its result
 // does not depend on the thread count.
 #pragma once
 
@@ -19,8 +19,7 @@
 
 namespace ganops::clip_grad_norm {
 
-// Elements per chunk, 16384: 32 per thread at 512 threads, and few enough chunks that the
-// finishing step stays one block even for multi-GB parameter sets. Written once, as
+// Elements per chunk, 16384: 32 per thread at 512 threads. Written once, as
 // WORK_SPLIT in triton_kernels/clip_grad_norm.py; setup.py passes it in (see its docstring).
 #ifndef GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE
 #error "GANOPS_CLIP_GRAD_NORM_CHUNK_SIZE undefined: setup.py reads it from triton_kernels/clip_grad_norm.py"
@@ -102,14 +101,14 @@ struct ScaleBy {
   GANOPS_HD Acc operator()(Acc x) const { return x * coef; }
 };
 
-// Scale by the clip coefficient of a norm that lives in the kernel's memory.
+// Scale by a clip coefficient that lives in the kernel's memory, computed once before the
+// scale (by the finish, or from a given norm), not by every block.
 template <typename Tot>
 struct ScaleOp {
-  const Tot* total_norm;
-  double max_norm;
+  const Tot* coef;
   template <typename Acc>
   GANOPS_HD ScaleBy<Acc> bind() const {
-    return {static_cast<Acc>(clip_coefficient(*total_norm, max_norm))};
+    return {static_cast<Acc>(*coef)};
   }
 };
 
@@ -177,21 +176,28 @@ GANOPS_HD int64_t table_size(int64_t n_tensors, int64_t n_chunks) {
 
 GANOPS_HD int64_t chunks_for(int64_t numel) { return ceil_div(numel, kChunkSize); }
 
-// The finishing block's per-thread work: thread tid combines, in chunk order, the chunks of
-// tensors tid, tid + nthreads, ...; writes each tensor's norm when per_tensor is non-null;
-// returns its combined partial for the block's tree reduction.
+// The finish, in two launches so that no thread walks a long list alone (one huge tensor has
+// thousands of chunks): first one block per tensor, whose threads split that tensor's
+// chunks; then one block whose threads split the tensors. Each combines in a fixed order
+// (strided per thread, then the block's tree), so the result is deterministic. The CPU
+// calls both with one thread: every chunk in order, then every tensor in order.
+//
+// Stage 1, block k: thread tid combines chunks tid, tid + nthreads, ... of tensor k.
 template <typename Acc>
-GANOPS_HD Acc finish_thread(TableView t, const Acc* partials, int64_t n_tensors, int tid,
-                            int nthreads, Acc* per_tensor, NormSpec s) {
-  Acc local = Acc(0);
-  for (int64_t k = tid; k < n_tensors; k += nthreads) {
-    Acc acc = Acc(0);
-    const int64_t first = t.first_chunk[k];
-    for (int64_t c = 0; c < t.num_chunks[k]; ++c) acc = norm_combine(acc, partials[first + c], s);
-    if (per_tensor != nullptr) per_tensor[k] = norm_finish(acc, s);
-    local = norm_combine(local, acc, s);
-  }
-  return local;
+GANOPS_HD Acc tensor_finish_thread(TableView t, const Acc* partials, int64_t k, int tid, int nthreads,
+                                   NormSpec s) {
+  Acc acc = Acc(0);
+  const int64_t first = t.first_chunk[k];
+  for (int64_t c = tid; c < t.num_chunks[k]; c += nthreads) acc = norm_combine(acc, partials[first + c], s);
+  return acc;
+}
+
+// Stage 2: thread tid combines the tensor sums (stage 1's block results) tid, tid + nthreads, ...
+template <typename Acc>
+GANOPS_HD Acc total_finish_thread(const Acc* tensor_sums, int64_t n_tensors, int tid, int nthreads, NormSpec s) {
+  Acc acc = Acc(0);
+  for (int64_t k = tid; k < n_tensors; k += nthreads) acc = norm_combine(acc, tensor_sums[k], s);
+  return acc;
 }
 
 // Host side: lays out the tables. Chunks are numbered group by group (a group is one

@@ -82,15 +82,17 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& tens
       });
     }
   });
-  std::vector<double> per(per_tensor ? n : 0);
-  // One "thread" over all tensors: every chunk in order, then every tensor in order.
-  const double combined = finish_thread<double>(view, partials.data(), n, 0, 1,
-                                                per_tensor ? per.data() : nullptr, s);
+  // The finish's two stages with one thread each: every chunk in order, then every tensor.
+  std::vector<double> sums(n);
+  for (int64_t k = 0; k < n; ++k) sums[k] = tensor_finish_thread<double>(view, partials.data(), k, 0, 1, s);
+  const double combined = total_finish_thread<double>(sums.data(), n, 0, 1, s);
   const auto opts = at::TensorOptions().dtype(out_dtype);
-  at::Tensor per_out = at::empty({static_cast<int64_t>(per.size())}, opts);
+  at::Tensor per_out = at::empty({per_tensor ? n : 0}, opts);
   at::Tensor total = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES(out_dtype, "multi_tensor_norm_cpu_out", [&] {
-    for (size_t k = 0; k < per.size(); ++k) per_out.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(per[k]);
+    for (int64_t k = 0; k < per_out.numel(); ++k) {
+      per_out.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(norm_finish(sums[k], s));
+    }
     total.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(norm_finish(combined, s));
   });
   return {total, per_out};
@@ -129,7 +131,8 @@ void update_impl(const std::vector<at::Tensor>& contig, const Tables& tables, co
 void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const at::Tensor& total_norm,
                 double max_norm) {
   AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient", [&] {
-    const ScaleOp<scalar_t> op{total_norm.const_data_ptr<scalar_t>(), max_norm};
+    const scalar_t coef = clip_coefficient(*total_norm.const_data_ptr<scalar_t>(), max_norm);
+    const ScaleOp<scalar_t> op{&coef};
     // Multiplying by exactly 1 changes no value (NaN stays NaN), so skip the pass.
     if (op.template bind<scalar_t>().identity()) return;
     update_impl(contig, tables, op);

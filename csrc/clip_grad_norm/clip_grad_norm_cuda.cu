@@ -1,10 +1,12 @@
 // CUDA kernels of the multi-tensor norm and scale.
 //
 // Launches per call, however many tensors: one host-to-device copy of the tables, one
-// partial-norm kernel per grad dtype present, one finishing kernel; the scale (and the
-// clamp of clip_grad_value_) is one kernel per dtype. Block b reduces chunk b (clip_grad_norm.h) into partials[b]; the finishing
-// block combines the partials in a fixed order, so the norm is deterministic, and the clip
-// coefficient is read from device memory: nothing waits on the host.
+// partial-norm kernel per grad dtype present, two finishing kernels (one block per tensor,
+// then one block over the tensors, which also computes the clip coefficient once); the
+// scale (and the clamp of clip_grad_value_) is one kernel per dtype. Block b reduces chunk b
+// (clip_grad_norm.h) into partials[b]; the finishing blocks combine the partials in a fixed
+// order, so the norm is deterministic, and the clip coefficient is read from device memory:
+// nothing waits on the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,7 +17,10 @@
 #include <ganops/checks.h>
 #include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
+#include <ganops/grid.h>
 #include <ganops/registration.h>
+
+#include <optional>
 
 #include "clip_grad_norm/clip_grad_norm.h"
 
@@ -35,14 +40,40 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[c] = static_cast<Out>(block);
 }
 
+// The finish's first stage: block k combines tensor k's chunk partials into sums[k] (and
+// writes its norm when per_tensor is non-null).
 template <typename Out>
 __global__ void __launch_bounds__(kThreads)
-    finish_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks, const Out* partials,
-                  Out* per_tensor, Out* total, NormSpec s) {
+    tensor_finish_kernel(const int64_t* table, int64_t n_tensors, int64_t n_chunks, const Out* partials,
+                         Out* sums, Out* per_tensor, NormSpec s) {
   const TableView view = table_view(table, n_tensors, n_chunks);
-  const Out local = finish_thread<Out>(view, partials, n_tensors, threadIdx.x, kThreads, per_tensor, s);
+  const int64_t k = blockIdx.x;
+  const Out local = tensor_finish_thread<Out>(view, partials, k, threadIdx.x, kThreads, s);
   const Out block = block_reduce<kThreads>(local, NormCombine{s});
-  if (threadIdx.x == 0) *total = norm_finish(block, s);
+  if (threadIdx.x == 0) {
+    sums[k] = block;
+    if (per_tensor != nullptr) per_tensor[k] = norm_finish(block, s);
+  }
+}
+
+// The second stage: one block combines the tensor sums into the total norm and, when coef
+// is non-null, its clip coefficient for max_norm, computed here once for every scale block.
+template <typename Out>
+__global__ void __launch_bounds__(kThreads)
+    total_finish_kernel(const Out* sums, int64_t n_tensors, Out* total, Out* coef, double max_norm, NormSpec s) {
+  const Out local = total_finish_thread<Out>(sums, n_tensors, threadIdx.x, kThreads, s);
+  const Out block = block_reduce<kThreads>(local, NormCombine{s});
+  if (threadIdx.x == 0) {
+    const Out norm = norm_finish(block, s);
+    *total = norm;
+    if (coef != nullptr) *coef = clip_coefficient(norm, max_norm);
+  }
+}
+
+// The clip coefficient of a norm given by the caller (multi_tensor_scale_), once.
+template <typename Out>
+__global__ void coefficient_kernel(const Out* total, Out* coef, double max_norm) {
+  *coef = clip_coefficient(*total, max_norm);
 }
 
 // Block b updates chunk first_chunk + b in place with the op (ScaleOp, ClampOp of
@@ -138,11 +169,16 @@ ChunkedTensors chunked(at::TensorList tensors) {
   return {std::move(contig), std::move(tables), std::move(table)};
 }
 
+// The norm's outputs; coef is defined when the call clips.
+struct NormOutputs {
+  at::Tensor total, per, coef;
+};
+
 template <typename Out>
-void launch_norm(const ChunkedTensors& c, NormSpec s, at::Tensor& total, at::Tensor& per, bool per_tensor) {
+void launch_norm(const ChunkedTensors& c, NormSpec s, NormOutputs& out, double max_norm) {
   const int64_t n = static_cast<int64_t>(c.contig.size());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials = at::empty({std::max<int64_t>(c.tables.n_chunks, 1)}, total.options());
+  at::Tensor partials = at::empty({std::max<int64_t>(c.tables.n_chunks, 1)}, out.total.options());
   for_each_dtype_group(c.contig, c.tables, [&](c10::ScalarType dtype, int64_t first, int64_t count) {
     GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_norm_cuda", [&] {
       chunk_partial_kernel<scalar_t, Out><<<count, kThreads, 0, stream>>>(
@@ -150,24 +186,30 @@ void launch_norm(const ChunkedTensors& c, NormSpec s, at::Tensor& total, at::Ten
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  finish_kernel<Out><<<1, kThreads, 0, stream>>>(c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks,
-                                                partials.const_data_ptr<Out>(),
-                                                per_tensor ? per.data_ptr<Out>() : nullptr,
-                                                total.data_ptr<Out>(), s);
+  at::Tensor sums = at::empty({n}, out.total.options());
+  tensor_finish_kernel<Out><<<grid_x(n, "multi_tensor_norm"), kThreads, 0, stream>>>(
+      c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, partials.const_data_ptr<Out>(), sums.data_ptr<Out>(),
+      out.per.numel() > 0 ? out.per.data_ptr<Out>() : nullptr, s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  total_finish_kernel<Out><<<1, kThreads, 0, stream>>>(sums.const_data_ptr<Out>(), n, out.total.data_ptr<Out>(),
+                                                       out.coef.defined() ? out.coef.data_ptr<Out>() : nullptr,
+                                                       max_norm, s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> norm_impl(const ChunkedTensors& c, NormSpec s, bool per_tensor,
-                                             c10::ScalarType out_dtype) {
+// The total norm, the per-tensor norms when per_tensor, and the clip coefficient when
+// max_norm is given.
+NormOutputs norm_impl(const ChunkedTensors& c, NormSpec s, bool per_tensor, c10::ScalarType out_dtype,
+                      std::optional<double> max_norm = std::nullopt) {
   const auto opts = at::TensorOptions().dtype(out_dtype).device(c.contig[0].device());
-  at::Tensor total = at::empty({}, opts);
-  at::Tensor per = at::empty({per_tensor ? static_cast<int64_t>(c.contig.size()) : 0}, opts);
+  NormOutputs out{at::empty({}, opts), at::empty({per_tensor ? static_cast<int64_t>(c.contig.size()) : 0}, opts),
+                  max_norm ? at::empty({}, opts) : at::Tensor()};
   if (out_dtype == c10::kDouble) {
-    launch_norm<double>(c, s, total, per, per_tensor);
+    launch_norm<double>(c, s, out, max_norm.value_or(0.0));
   } else {
-    launch_norm<float>(c, s, total, per, per_tensor);
+    launch_norm<float>(c, s, out, max_norm.value_or(0.0));
   }
-  return {total, per};
+  return out;
 }
 
 // One chunk_update_kernel launch per dtype group.
@@ -184,9 +226,10 @@ void update_impl(const ChunkedTensors& c, const Op& op) {
   });
 }
 
-void scale_impl(const ChunkedTensors& c, const at::Tensor& total, double max_norm) {
-  AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "multi_tensor_scale_cuda", [&] {
-    update_impl(c, ScaleOp<scalar_t>{total.const_data_ptr<scalar_t>(), max_norm});
+// Scales by a clip coefficient already on the device.
+void scale_impl(const ChunkedTensors& c, const at::Tensor& coef) {
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "multi_tensor_scale_cuda", [&] {
+    update_impl(c, ScaleOp<scalar_t>{coef.const_data_ptr<scalar_t>()});
   });
 }
 
@@ -195,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   check_norm_type(norm_type);
   check_cuda_tensors(tensors);
   c10::cuda::CUDAGuard guard(tensors[0].device());
-  return norm_impl(chunked(tensors), make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
+  NormOutputs out = norm_impl(chunked(tensors), make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
+  return {out.total, out.per};
 }
 GANOPS_KERNEL(CUDA, "multi_tensor_norm", multi_tensor_norm_cuda)
 
@@ -204,7 +248,13 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_nor
   check_total_norm(total_norm, tensors[0].device());
   c10::cuda::CUDAGuard guard(tensors[0].device());
   const ChunkedTensors c = chunked(tensors);
-  scale_impl(c, total_norm.contiguous(), max_norm);
+  at::Tensor coef = at::empty({}, total_norm.options());
+  AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient_cuda", [&] {
+    coefficient_kernel<scalar_t><<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        total_norm.const_data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), max_norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  scale_impl(c, coef);
   copy_back(tensors, c.contig);
 }
 GANOPS_KERNEL(CUDA, "multi_tensor_scale_", multi_tensor_scale_cuda)
@@ -223,10 +273,10 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
   check_cuda_tensors(grads);
   c10::cuda::CUDAGuard guard(grads[0].device());
   const ChunkedTensors c = chunked(grads);
-  const auto [total, per] = norm_impl(c, make_norm_spec(norm_type), false, result_dtype(grads));
-  scale_impl(c, total, max_norm);
+  const NormOutputs out = norm_impl(c, make_norm_spec(norm_type), false, result_dtype(grads), max_norm);
+  scale_impl(c, out.coef);
   copy_back(grads, c.contig);
-  return total;
+  return out.total;
 }
 GANOPS_KERNEL(CUDA, "clip_grad_norm_", clip_grad_norm_cuda)
 

@@ -16,7 +16,7 @@
 namespace ganops::clip_grad_norm {
 namespace {
 
-using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Out>
 LaunchCheck launch_check_impl(const std::vector<at::Tensor>& tensors, NormSpec s, c10::ScalarType out_dtype) {
@@ -48,14 +48,31 @@ LaunchCheck launch_check_impl(const std::vector<at::Tensor>& tensors, NormSpec s
     }
   }
 
-  // finish_kernel: one block.
+  // tensor_finish_kernel, block k for tensor k; total_finish_kernel, one block. Every read of
+  // a partial and of a tensor sum is counted.
+  const Coverage partial_reads({tables.n_chunks});
+  const Coverage sum_reads({n});
   at::Tensor per = at::empty({n}, at::TensorOptions().dtype(out_dtype));
+  std::vector<Out> sums(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const Coverage tensor_reads = partial_reads.from(view.first_chunk[k]);
+    sums[k] = emulate_block<kThreads, Out>(
+        [&](int tid) {
+          for (int64_t c = tid; c < view.num_chunks[k]; c += kThreads) tensor_reads.visit(c);
+          return tensor_finish_thread<Out>(view, partials.data(), k, tid, kThreads, s);
+        },
+        NormCombine{s});
+    per.data_ptr<Out>()[k] = norm_finish(sums[k], s);
+  }
   const Out combined = emulate_block<kThreads, Out>(
-      [&](int tid) { return finish_thread<Out>(view, partials.data(), n, tid, kThreads, per.data_ptr<Out>(), s); },
+      [&](int tid) {
+        for (int64_t k = tid; k < n; k += kThreads) sum_reads.visit(k);
+        return total_finish_thread<Out>(sums.data(), n, tid, kThreads, s);
+      },
       NormCombine{s});
   at::Tensor total = at::empty({}, at::TensorOptions().dtype(out_dtype));
   total.data_ptr<Out>()[0] = norm_finish(combined, s);
-  return {visits.counts(), per, total};
+  return {visits.counts(), partial_reads.counts(), sum_reads.counts(), per, total};
 }
 
 LaunchCheck cuda_launch_check(at::TensorList tensors, double norm_type) {
@@ -69,10 +86,11 @@ LaunchCheck cuda_launch_check(at::TensorList tensors, double norm_type) {
 }
 
 // Runs the CUDA norm kernels' per-thread functions for every block and thread of the
-// launch the CUDA host code would choose. Returns (times each element was visited,
-// per-tensor norms, total norm).
+// launch the CUDA host code would choose. Returns (times each element was visited, times
+// the finish read each chunk's partial, times it read each tensor's sum, per-tensor norms,
+// total norm).
 GANOPS_LAUNCH_CHECK_OP("_multi_tensor_norm_cuda_launch_check(Tensor[] tensors, float norm_type) "
-                       "-> (Tensor, Tensor, Tensor)",
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 
 }  // namespace

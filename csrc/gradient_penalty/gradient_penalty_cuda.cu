@@ -14,6 +14,7 @@
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/grid.h>
 #include <ganops/registration.h>
 
 #include "gradient_penalty/gradient_penalty.h"
@@ -125,12 +126,13 @@ at::Tensor inv_scale_tensor(const std::optional<at::Tensor>& inv_scale, const at
 
 at::Tensor interpolate_cuda(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
   const SampleChunks s = check_interpolate_inputs(real, fake, alpha, c10::DeviceType::CUDA);
+  const unsigned int blocks = grid_x(s.total_chunks(), "interpolate");
   c10::cuda::CUDAGuard guard(real.device());
   const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor out = at::empty_like(r);
   auto stream = c10::cuda::getCurrentCUDAStream();
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cuda", [&] {
-    interpolate_kernel<scalar_t><<<s.total_chunks(), kThreads, 0, stream>>>(
+    interpolate_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(), s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -145,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cuda(const a
                                                                           const at::Tensor& alpha, bool need_real,
                                                                           bool need_fake, bool need_alpha) {
   const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, c10::DeviceType::CUDA);
+  const unsigned int blocks = grid_x(s.total_chunks(), "interpolate_backward");
   c10::cuda::CUDAGuard guard(real.device());
   const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
   at::Tensor grad_real = need_real ? at::empty_like(g) : g.new_empty({0});
@@ -154,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cuda(const a
   auto stream = c10::cuda::getCurrentCUDAStream();
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    interpolate_backward_kernel<scalar_t><<<s.total_chunks(), kThreads, 0, stream>>>(
+    interpolate_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
         a.const_data_ptr<scalar_t>(), need_real ? grad_real.data_ptr<scalar_t>() : nullptr,
         need_fake ? grad_fake.data_ptr<scalar_t>() : nullptr, need_alpha ? partials.data_ptr<Acc>() : nullptr,
@@ -174,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_norm_penalty_cuda(const at::Tensor& 
                                                               const std::optional<at::Tensor>& inv_scale,
                                                               double center, bool one_sided, double weight) {
   const SampleChunks s = check_samples(grads, "grads", c10::DeviceType::CUDA);
+  const unsigned int blocks = grid_x(s.total_chunks(), "gradient_norm_penalty");
   c10::cuda::CUDAGuard guard(grads.device());
   const at::Tensor g = grads.contiguous();
   const at::Tensor scale = inv_scale_tensor(inv_scale, g);
@@ -184,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_norm_penalty_cuda(const at::Tensor& 
   auto stream = c10::cuda::getCurrentCUDAStream();
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    sumsq_partial_kernel<scalar_t><<<s.total_chunks(), kThreads, 0, stream>>>(
+    sumsq_partial_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), scale.defined() ? scale.const_data_ptr<Acc>() : nullptr,
         partials.data_ptr<Acc>(), s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -201,6 +205,7 @@ at::Tensor gradient_norm_penalty_backward_cuda(const at::Tensor& grad_penalty, c
                                                const at::Tensor& sumsq, const std::optional<at::Tensor>& inv_scale,
                                                double center, bool one_sided, double weight) {
   const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, c10::DeviceType::CUDA);
+  const unsigned int blocks = grid_x(s.total_chunks(), "gradient_norm_penalty_backward");
   c10::cuda::CUDAGuard guard(grads.device());
   const at::Tensor g = grads.contiguous();
   const at::Tensor ss = sumsq.contiguous();
@@ -212,7 +217,7 @@ at::Tensor gradient_norm_penalty_backward_cuda(const at::Tensor& grad_penalty, c
   auto stream = c10::cuda::getCurrentCUDAStream();
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    penalty_backward_kernel<scalar_t><<<s.total_chunks(), kThreads, 0, stream>>>(
+    penalty_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         go.const_data_ptr<Acc>(), g.const_data_ptr<scalar_t>(), ss.const_data_ptr<Acc>(),
         scale.defined() ? scale.const_data_ptr<Acc>() : nullptr, center, one_sided, weight, out.data_ptr<scalar_t>(),
         s);

@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 
 #include <ganops/dispatch.h>
+#include <ganops/grid.h>
 #include <ganops/launch_emulation.h>
 
 #include <tuple>
@@ -65,6 +66,9 @@ LaunchCheck cuda_launch_check(const at::Tensor& grads, const at::Tensor& real, c
   const SampleChunks s = check_samples(grads, "grads", c10::DeviceType::CPU);
   check_like(grads, "grads", real, "real");
   check_like(grads, "grads", fake, "fake");
+  // The CUDA host code's check, before anything is made contiguous: a test passes an
+  // expanded tensor too large to exist.
+  grid_x(s.total_chunks(), "gradient_norm_penalty");
   return GANOPS_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_penalty_launch_check", [&] {
     return launch_check_impl<scalar_t>(grads.contiguous(), real.contiguous(), fake.contiguous(), s, center,
                                        one_sided, weight);

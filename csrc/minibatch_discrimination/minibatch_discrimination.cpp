@@ -7,11 +7,11 @@
 TORCH_LIBRARY_FRAGMENT(ganops, m) {
   // o[i,b] = Σ_j exp(−Σ_c |M[i,b,c] − M[j,b,c]|) for M (N, B, C); o is (N, B) in M's dtype.
   // exclude_self leaves the j = i term (always 1) out.
-  m.def("minibatch_similarity(Tensor M, bool exclude_self) -> Tensor");
+  m.def("minibatch_discrimination(Tensor M, bool exclude_self) -> Tensor");
   // dM[i,b,c] = −Σ_j (grad[i,b] + grad[j,b]) K[i,j,b] sign(M[i,b,c] − M[j,b,c]), with the
   // similarities K recomputed rather than stored. Same for either exclude_self.
-  m.def("minibatch_similarity_backward(Tensor grad, Tensor M) -> Tensor");
-  // The vector-Jacobian product of minibatch_similarity_backward with grad_grad_M, the
+  m.def("minibatch_discrimination_backward(Tensor grad, Tensor M) -> Tensor");
+  // The vector-Jacobian product of minibatch_discrimination_backward with grad_grad_M, the
   // gradient flowing into its output: returns (d/d grad, d/d M).
-  m.def("minibatch_similarity_double_backward(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)");
+  m.def("minibatch_discrimination_double_backward(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)");
 }

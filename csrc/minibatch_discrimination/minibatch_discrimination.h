@@ -15,7 +15,8 @@
 //
 // CUDA work split: one thread per (i, b) row, kThreads threads per block over the N·B rows
 // in row-major order; the thread loops over every j and keeps the C-reduction in registers,
-// accumulating its own output row only, so no two threads write one element. Memory stays
+// and its own output row too where C <= kRegisterC (written once at the end, not read and
+// written in global memory for every j), so no two threads write one element. Memory stays
 // O(N·B·C): neither the N×N×B×C differences nor the N×N×B similarities exist.
 #pragma once
 
@@ -74,20 +75,51 @@ GANOPS_HD Acc similarity_row(const T* M, int64_t N, int64_t B, int64_t C, int64_
   return o;
 }
 
+// Rows of up to kRegisterC values accumulate in registers across the loop over j (loops of a
+// constant trip count, which the compiler unrolls, index the array) and are
+// added to the output once; wider rows accumulate in place in the (zeroed) output. Both add
+// the same terms in the same order from zero, so the results are the same bits.
+constexpr int kRegisterC = 16;
+
+// Adds Σ_{j != i} weight(j) · sign(M[i,b,c] − M[j,b,c]) into out[c] for every c, j in order.
+// weight(j) is called once per j, in order (the double backward also sums its dg there).
+template <typename T, typename Acc, typename Weight>
+GANOPS_HD void add_weighted_signs(const T* M, int64_t N, int64_t B, int64_t C, int64_t i, int64_t b,
+                                  Weight&& weight, Acc* out) {
+  const T* mi = M + (i * B + b) * C;
+  if (C <= kRegisterC) {
+    Acc acc[kRegisterC];
+    for (int c = 0; c < kRegisterC; ++c) acc[c] = Acc(0);
+    for (int64_t j = 0; j < N; ++j) {
+      if (j == i) continue;
+      const T* mj = M + (j * B + b) * C;
+      const Acc w = weight(j);
+      for (int c = 0; c < kRegisterC; ++c) {
+        if (c < C) acc[c] += w * sign_of(static_cast<Acc>(mi[c]) - static_cast<Acc>(mj[c]));
+      }
+    }
+    for (int c = 0; c < kRegisterC; ++c) {
+      if (c < C) out[c] += acc[c];
+    }
+    return;
+  }
+  for (int64_t j = 0; j < N; ++j) {
+    if (j == i) continue;
+    const T* mj = M + (j * B + b) * C;
+    const Acc w = weight(j);
+    for (int64_t c = 0; c < C; ++c) out[c] += w * sign_of(static_cast<Acc>(mi[c]) - static_cast<Acc>(mj[c]));
+  }
+}
+
 // Adds dM[i,b,:] into out (C values of this thread's own row, zero on entry).
 template <typename T, typename Acc>
 GANOPS_HD void similarity_backward_row(const T* grad, const T* M, int64_t N, int64_t B, int64_t C,
                                        int64_t i, int64_t b, Acc* out) {
   const T* mi = M + (i * B + b) * C;
   const Acc gi = static_cast<Acc>(grad[i * B + b]);
-  for (int64_t j = 0; j < N; ++j) {
-    if (j == i) continue;
-    const T* mj = M + (j * B + b) * C;
-    const Acc w = -(gi + static_cast<Acc>(grad[j * B + b])) * ::exp(-l1_distance<T, Acc>(mi, mj, C));
-    for (int64_t c = 0; c < C; ++c) {
-      out[c] += w * sign_of(static_cast<Acc>(mi[c]) - static_cast<Acc>(mj[c]));
-    }
-  }
+  add_weighted_signs<T, Acc>(M, N, B, C, i, b, [&](int64_t j) {
+    return -(gi + static_cast<Acc>(grad[j * B + b])) * ::exp(-l1_distance<T, Acc>(mi, M + (j * B + b) * C, C));
+  }, out);
 }
 
 // Returns dg[i,b] and adds dM[i,b,:] into out_M (zero on entry); h is the gradient flowing
@@ -98,8 +130,7 @@ GANOPS_HD Acc similarity_double_backward_row(const T* h, const T* grad, const T*
   const int64_t row_i = (i * B + b) * C;
   const Acc gi = static_cast<Acc>(grad[i * B + b]);
   Acc dg = Acc(0);
-  for (int64_t j = 0; j < N; ++j) {
-    if (j == i) continue;
+  add_weighted_signs<T, Acc>(M, N, B, C, i, b, [&](int64_t j) {
     const int64_t row_j = (j * B + b) * C;
     Acc d = Acc(0);
     Acc q = Acc(0);
@@ -110,11 +141,8 @@ GANOPS_HD Acc similarity_double_backward_row(const T* h, const T* grad, const T*
     }
     const Acc kq = ::exp(-d) * q;
     dg -= kq;
-    const Acc w = (gi + static_cast<Acc>(grad[j * B + b])) * kq;
-    for (int64_t c = 0; c < C; ++c) {
-      out_M[c] += w * sign_of(static_cast<Acc>(M[row_i + c]) - static_cast<Acc>(M[row_j + c]));
-    }
-  }
+    return (gi + static_cast<Acc>(grad[j * B + b])) * kq;
+  }, out_M);
   return dg;
 }
 

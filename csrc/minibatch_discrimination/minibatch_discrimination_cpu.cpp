@@ -304,9 +304,9 @@ Problem problem_of(const at::Tensor& M) {
   return {N, B, C, ceil_div(B, kLanes), blocking(N)};
 }
 
-at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
+at::Tensor minibatch_discrimination_cpu(const at::Tensor& M, bool exclude_self) {
   const Problem p = problem_of(M);
-  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cpu", [&] {
+  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     std::vector<Acc> o(static_cast<size_t>(p.bl.parts * p.tiles * p.N * kLanes));
@@ -314,12 +314,12 @@ at::Tensor similarity_cpu(const at::Tensor& M, bool exclude_self) {
     return unpack<scalar_t, Acc>(o.data(), {p.N, p.B}, M.options());
   });
 }
-GANOPS_KERNEL(CPU, "minibatch_similarity", similarity_cpu)
+GANOPS_KERNEL(CPU, "minibatch_discrimination", minibatch_discrimination_cpu)
 
-at::Tensor similarity_backward_cpu(const at::Tensor& grad, const at::Tensor& M) {
+at::Tensor minibatch_discrimination_backward_cpu(const at::Tensor& grad, const at::Tensor& M) {
   const Problem p = problem_of(M);
   check_like(grad, "grad", M, {p.N, p.B});
-  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cpu", [&] {
+  return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
@@ -328,15 +328,15 @@ at::Tensor similarity_backward_cpu(const at::Tensor& grad, const at::Tensor& M) 
     return unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
   });
 }
-GANOPS_KERNEL(CPU, "minibatch_similarity_backward", similarity_backward_cpu)
+GANOPS_KERNEL(CPU, "minibatch_discrimination_backward", minibatch_discrimination_backward_cpu)
 
-std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cpu(const at::Tensor& grad_grad_M,
+std::tuple<at::Tensor, at::Tensor> minibatch_discrimination_double_backward_cpu(const at::Tensor& grad_grad_M,
                                                                   const at::Tensor& grad, const at::Tensor& M) {
   const Problem p = problem_of(M);
   check_like(grad, "grad", M, {p.N, p.B});
   check_like(grad_grad_M, "grad_grad_M", M, M.sizes());
   at::Tensor d_grad, d_M;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cpu", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_double_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
@@ -350,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cpu(const at::Tens
   });
   return {d_grad, d_M};
 }
-GANOPS_KERNEL(CPU, "minibatch_similarity_double_backward", similarity_double_backward_cpu)
+GANOPS_KERNEL(CPU, "minibatch_discrimination_double_backward", minibatch_discrimination_double_backward_cpu)
 
 }  // namespace
 

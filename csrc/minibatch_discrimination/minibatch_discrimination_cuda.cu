@@ -14,6 +14,7 @@
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
+#include <ganops/grid.h>
 #include <ganops/registration.h>
 
 #include "minibatch_discrimination/minibatch_discrimination.h"
@@ -47,34 +48,36 @@ __global__ void __launch_bounds__(kThreads)
   d_grad[row] = static_cast<T>(similarity_double_backward_row<T, Acc>(h, grad, M, N, B, C, r.i, r.b, d_M + row * C));
 }
 
-at::Tensor similarity_cuda(const at::Tensor& M_in, bool exclude_self) {
+at::Tensor minibatch_discrimination_cuda(const at::Tensor& M_in, bool exclude_self) {
   check_M(M_in, c10::DeviceType::CUDA);
+  const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
+  const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination");
   c10::cuda::CUDAGuard guard(M_in.device());
   const at::Tensor M = M_in.contiguous();
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
   at::Tensor out = at::empty({N, B}, M.options());
   if (N * B == 0) return out;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_cuda", [&] {
-    similarity_kernel<scalar_t, acc_t<scalar_t>><<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_cuda", [&] {
+    similarity_kernel<scalar_t, acc_t<scalar_t>><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         M.const_data_ptr<scalar_t>(), N, B, C, exclude_self, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
-GANOPS_KERNEL(CUDA, "minibatch_similarity", similarity_cuda)
+GANOPS_KERNEL(CUDA, "minibatch_discrimination", minibatch_discrimination_cuda)
 
-at::Tensor similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor& M_in) {
+at::Tensor minibatch_discrimination_backward_cuda(const at::Tensor& grad_in, const at::Tensor& M_in) {
   check_M(M_in, c10::DeviceType::CUDA);
   check_like(grad_in, "grad", M_in, {M_in.size(0), M_in.size(1)});
+  const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
+  const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination_backward");
   c10::cuda::CUDAGuard guard(M_in.device());
   const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous();
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
   at::Tensor out;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_backward_cuda", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     at::Tensor dM = at::zeros({N, B, C}, M.options().dtype(acc_dtype(M.scalar_type())));
     if (N * B > 0) {
-      similarity_backward_kernel<scalar_t, Acc><<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      similarity_backward_kernel<scalar_t, Acc><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C, dM.data_ptr<Acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -82,24 +85,25 @@ at::Tensor similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
   });
   return out;
 }
-GANOPS_KERNEL(CUDA, "minibatch_similarity_backward", similarity_backward_cuda)
+GANOPS_KERNEL(CUDA, "minibatch_discrimination_backward", minibatch_discrimination_backward_cuda)
 
-std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cuda(const at::Tensor& h_in, const at::Tensor& grad_in,
+std::tuple<at::Tensor, at::Tensor> minibatch_discrimination_double_backward_cuda(const at::Tensor& h_in, const at::Tensor& grad_in,
                                                                    const at::Tensor& M_in) {
   check_M(M_in, c10::DeviceType::CUDA);
   check_like(grad_in, "grad", M_in, {M_in.size(0), M_in.size(1)});
   check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
+  const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
+  const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination_double_backward");
   c10::cuda::CUDAGuard guard(M_in.device());
   const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
-  const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
   at::Tensor d_grad = at::empty({N, B}, M.options());
   at::Tensor d_M;
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_double_backward_cuda", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_double_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     at::Tensor acc = at::zeros({N, B, C}, M.options().dtype(acc_dtype(M.scalar_type())));
     if (N * B > 0) {
       similarity_double_backward_kernel<scalar_t, Acc>
-          <<<num_blocks(N, B), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
               h.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C,
               d_grad.data_ptr<scalar_t>(), acc.data_ptr<Acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -108,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_double_backward_cuda(const at::Ten
   });
   return {d_grad, d_M};
 }
-GANOPS_KERNEL(CUDA, "minibatch_similarity_double_backward", similarity_double_backward_cuda)
+GANOPS_KERNEL(CUDA, "minibatch_discrimination_double_backward", minibatch_discrimination_double_backward_cuda)
 
 }  // namespace
 

@@ -5,6 +5,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <ganops/dispatch.h>
+#include <ganops/grid.h>
 #include <ganops/launch_emulation.h>
 
 #include <tuple>
@@ -22,12 +23,15 @@ LaunchCheck cuda_launch_check(const at::Tensor& M_in, const at::Tensor& grad_in,
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   check_like(grad_in, "grad", M_in, {N, B});
   check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
+  // The CUDA host code's check, before anything is made contiguous: a test passes an
+  // expanded tensor too large to exist.
+  grid_x(num_blocks(N, B), "minibatch_discrimination");
   const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
   const Coverage rows({N, B});
   const auto acc_opts = M.options().dtype(acc_dtype(M.scalar_type()));
   at::Tensor o = at::zeros({N, B}, acc_opts), dM = at::zeros({N, B, C}, acc_opts);
   at::Tensor dg = at::zeros({N, B}, acc_opts), dM2 = at::zeros({N, B, C}, acc_opts);
-  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_similarity_launch_check", [&] {
+  GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_launch_check", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* m = M.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
@@ -51,7 +55,7 @@ LaunchCheck cuda_launch_check(const at::Tensor& M_in, const at::Tensor& grad_in,
 // Runs the CUDA kernels' per-thread functions for every block and thread of the launch the
 // CUDA host code would choose. Returns (times each (i, b) row was visited, o, dM, then the
 // double backward's d/d grad and d/d M).
-GANOPS_LAUNCH_CHECK_OP("_minibatch_similarity_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, "
+GANOPS_LAUNCH_CHECK_OP("_minibatch_discrimination_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, "
                        "bool exclude_self) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 

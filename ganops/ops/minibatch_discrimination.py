@@ -22,8 +22,8 @@ flowing into dM and Q[i,j,b] = Σ_c (h[i,b,c] − h[j,b,c]) sign(M[i,b,c] − M[
 (sign has derivative 0 almost everywhere). That double backward is one fused op; it is not
 differentiable again (third derivatives raise).
 
-Registered ops (ganops._library): ``minibatch_similarity``, ``minibatch_similarity_backward``,
-``minibatch_similarity_double_backward``, each with a CPU, a CUDA and a Triton kernel; the
+Registered ops (ganops._library): ``minibatch_discrimination``, ``minibatch_discrimination_backward``,
+``minibatch_discrimination_double_backward``, each with a CPU, a CUDA and a Triton kernel; the
 ``torch`` backend is the broadcast reference below.
 """
 
@@ -47,7 +47,7 @@ def _check_M(M) -> None:
 # The reference (the `torch` backend)
 # ---------------------------------------------------------------------------------------
 
-def minibatch_similarity_reference(M: torch.Tensor, exclude_self: bool = True) -> torch.Tensor:
+def minibatch_discrimination_reference(M: torch.Tensor, exclude_self: bool = True) -> torch.Tensor:
     """Pure-PyTorch o (N, B) by broadcasting: holds the N×N×B×C differences, computes in
     M's dtype (float32 for half types, as the kernels accumulate), and is differentiable any
     number of times by autograd.
@@ -59,7 +59,7 @@ def minibatch_similarity_reference(M: torch.Tensor, exclude_self: bool = True) -
     row, as the kernels give, else 1."""
     if M.dtype in (torch.float16, torch.bfloat16):
         # Sums of N exponentials and their double backward lose too much in a 8-bit mantissa.
-        return minibatch_similarity_reference(M.float(), exclude_self).to(M.dtype)
+        return minibatch_discrimination_reference(M.float(), exclude_self).to(M.dtype)
     diff = M.unsqueeze(1) - M.unsqueeze(0)
     eye = torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
     diff = diff.masked_fill(eye[:, :, None, None], 0)
@@ -70,21 +70,21 @@ def minibatch_similarity_reference(M: torch.Tensor, exclude_self: bool = True) -
     return o
 
 
-def minibatch_similarity_backward_reference(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+def minibatch_discrimination_backward_reference(grad: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """dM: the vector-Jacobian product of the reference with ``grad`` (either exclude_self)."""
     with torch.enable_grad():
         M = M.detach().requires_grad_(True)
-        (dM,) = torch.autograd.grad(minibatch_similarity_reference(M), M, grad)
+        (dM,) = torch.autograd.grad(minibatch_discrimination_reference(M), M, grad)
     return dM
 
 
-def minibatch_similarity_double_backward_reference(grad_grad_M: torch.Tensor, grad: torch.Tensor,
+def minibatch_discrimination_double_backward_reference(grad_grad_M: torch.Tensor, grad: torch.Tensor,
                                                    M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d/d grad, d/d M) of <grad_grad_M, dM(grad, M)>, by autograd through the reference."""
     with torch.enable_grad():
         M = M.detach().requires_grad_(True)
         grad = grad.detach().requires_grad_(True)
-        (dM,) = torch.autograd.grad(minibatch_similarity_reference(M), M, grad, create_graph=True)
+        (dM,) = torch.autograd.grad(minibatch_discrimination_reference(M), M, grad, create_graph=True)
         d_grad, d_M = torch.autograd.grad(dM, (grad, M), grad_grad_M, allow_unused=True)
     return d_grad, torch.zeros_like(M) if d_M is None else d_M
 
@@ -102,14 +102,14 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
 
 
-def _similarity_grad(kernels, ctx, grad):
+def _forward_grad(kernels, ctx, grad):
     (M,) = ctx.saved_tensors
-    return kernels.minibatch_similarity_backward(grad, M), None
+    return kernels.minibatch_discrimination_backward(grad, M), None
 
 
-def _similarity_backward_grad(kernels, ctx, grad_grad_M):
+def _backward_grad(kernels, ctx, grad_grad_M):
     grad, M = ctx.saved_tensors
-    return tuple(kernels.minibatch_similarity_double_backward(grad_grad_M, grad, M))
+    return tuple(kernels.minibatch_discrimination_double_backward(grad_grad_M, grad, M))
 
 
 def _M_examples(device, dtype):
@@ -117,27 +117,27 @@ def _M_examples(device, dtype):
     return [torch.randn(shape, device=device, dtype=dtype) for shape in [(6, 5, 4), (70, 3, 5), (1, 3, 2)]]
 
 
-SIMILARITY = _library.define(
-    "minibatch_similarity", "(Tensor M, bool exclude_self) -> Tensor",
+MINIBATCH_DISCRIMINATION = _library.define(
+    "minibatch_discrimination", "(Tensor M, bool exclude_self) -> Tensor",
     fake=lambda M, exclude_self: M.new_empty(M.shape[:2]),
-    reference=minibatch_similarity_reference, triton="minibatch_discrimination.similarity",
-    backward=_similarity_grad, setup_context=_save_inputs,
+    reference=minibatch_discrimination_reference, triton="minibatch_discrimination.minibatch_discrimination",
+    backward=_forward_grad, setup_context=_save_inputs,
     examples=lambda device, dtype: [(M.requires_grad_(), exclude_self) for M in _M_examples(device, dtype)
                                     for exclude_self in (True, False)])
 
-SIMILARITY_BACKWARD = _library.define(
-    "minibatch_similarity_backward", "(Tensor grad, Tensor M) -> Tensor",
+MINIBATCH_DISCRIMINATION_BACKWARD = _library.define(
+    "minibatch_discrimination_backward", "(Tensor grad, Tensor M) -> Tensor",
     fake=lambda grad, M: _contiguous_like(M),
-    reference=minibatch_similarity_backward_reference, triton="minibatch_discrimination.similarity_backward",
-    backward=_similarity_backward_grad, setup_context=_save_inputs,
+    reference=minibatch_discrimination_backward_reference, triton="minibatch_discrimination.minibatch_discrimination_backward",
+    backward=_backward_grad, setup_context=_save_inputs,
     examples=lambda device, dtype: [(torch.randn(M.shape[:2], device=device, dtype=dtype).requires_grad_(),
                                      M.requires_grad_()) for M in _M_examples(device, dtype)])
 
-SIMILARITY_DOUBLE_BACKWARD = _library.define(
-    "minibatch_similarity_double_backward", "(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)",
+MINIBATCH_DISCRIMINATION_DOUBLE_BACKWARD = _library.define(
+    "minibatch_discrimination_double_backward", "(Tensor grad_grad_M, Tensor grad, Tensor M) -> (Tensor, Tensor)",
     fake=lambda grad_grad_M, grad, M: (_contiguous_like(grad), _contiguous_like(M)),
-    reference=minibatch_similarity_double_backward_reference,
-    triton="minibatch_discrimination.similarity_double_backward",
+    reference=minibatch_discrimination_double_backward_reference,
+    triton="minibatch_discrimination.minibatch_discrimination_double_backward",
     examples=lambda device, dtype: [(torch.randn_like(M), torch.randn(M.shape[:2], device=device, dtype=dtype), M)
                                     for M in _M_examples(device, dtype)])
 
@@ -157,4 +157,4 @@ def minibatch_similarity(M: torch.Tensor, *, exclude_self: bool = True, backend:
     """
     _check_M(M)
     exclude_self = check_bool(exclude_self, "exclude_self")
-    return _library.call(SIMILARITY, backend, M.device, M, exclude_self)
+    return _library.call(MINIBATCH_DISCRIMINATION, backend, M.device, M, exclude_self)
