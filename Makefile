@@ -27,9 +27,14 @@ $(VENV)/.requirements: requirements.txt
 build: $(VENV)/.requirements
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
+# The suite runs in one pytest-xdist worker per core (TEST_WORKERS=1: in this process); the
+# slowest tests (the Triton interpreter's) are spread over them by work stealing.
+TEST_WORKERS ?= auto
+PYTEST_WORKERS = $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
+
 ifeq ($(TORCH),)
 test: build
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(PYTEST_WORKERS) tests
 else
 # Another torch in its own venv, with the rest of requirements.txt (triton's pin belongs to
 # the default torch; a CUDA torch brings the triton it needs). The package is built against
@@ -49,7 +54,7 @@ $(OTHER_VENV)/.requirements: requirements.txt
 
 test: $(OTHER_VENV)/.requirements
 	$(OTHER_PY) -m pip install --quiet --no-build-isolation --no-deps .
-	$(OTHER_PY) -P -m pytest tests
+	$(OTHER_PY) -P -m pytest $(PYTEST_WORKERS) tests
 endif
 
 # The differential suite with many random examples per test. The seed is printed first and

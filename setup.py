@@ -45,6 +45,7 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST_WITHOUT_GPU = "9.0+PTX"
@@ -248,7 +249,28 @@ class BuildExtensionInTree(BuildExtension.with_options(use_ninja=True)):
     def run(self):
         super().run()
         package_dir = os.path.dirname(self.get_ext_fullpath("ganops._C"))
+        _remove_stale_extensions(package_dir)
         _write_build_info(os.path.join(package_dir, "_build_info.py"))
+
+
+def _remove_stale_extensions(package_dir):
+    """Deletes the compiled modules in package_dir that this build does not make. The output
+    folder outlives a build: pip builds in build/lib of the source tree, so an earlier build
+    with other switches (the launch checks of `make test TORCH=...`) or against another torch
+    would otherwise end up in the wheel."""
+    made = {ext.name.rsplit(".", 1)[-1] for ext in extensions}
+    for path in glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd")):
+        if os.path.basename(path).split(".", 1)[0] not in made:
+            os.remove(path)
+
+
+class BuildPyWithoutStaleExtensions(build_py):
+    """Runs even when no extension is built (GANOPS_EXTENSIONS=0), where build_ext does not."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            _remove_stale_extensions(os.path.join(self.build_lib, "ganops"))
 
 
 BASE_VERSION = "0.1.0"
@@ -267,5 +289,5 @@ setup(
     packages=["ganops", "ganops.ops", "ganops.nn", "ganops.nn.utils", "ganops.triton_kernels"],
     package_dir={"ganops.triton_kernels": "triton_kernels"},
     ext_modules=extensions,
-    cmdclass={"build_ext": BuildExtensionInTree},
+    cmdclass={"build_ext": BuildExtensionInTree, "build_py": BuildPyWithoutStaleExtensions},
 )
