@@ -89,15 +89,23 @@ def _needs_gpu(item) -> bool:
     return any(_NEEDS_GPU.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif"))
 
 
-def _names_launch_check(code) -> bool:
-    """Whether the code, or a function or lambda defined in it, names a launch check op."""
-    return (any(name.endswith("_cuda_launch_check") for name in code.co_names)
-            or any(_names_launch_check(c) for c in code.co_consts if hasattr(c, "co_names")))
+def _names_launch_check(code, module_globals, seen) -> bool:
+    """Whether the code, a function or lambda defined in it, or a function of the test module
+    it calls by name (a helper such as launch_check_orders), names a launch check op."""
+    if code in seen:
+        return False
+    seen.add(code)
+    if any(name.endswith("_cuda_launch_check") for name in code.co_names):
+        return True
+    nested = [c for c in code.co_consts if hasattr(c, "co_names")]
+    helpers = [getattr(module_globals.get(name), "__code__", None) for name in code.co_names]
+    return any(_names_launch_check(c, module_globals, seen) for c in nested + [h for h in helpers if h is not None])
 
 
 def _calls_launch_check(item) -> bool:
-    code = getattr(getattr(item, "function", None), "__code__", None)
-    return code is not None and _names_launch_check(code)
+    function = getattr(item, "function", None)
+    code = getattr(function, "__code__", None)
+    return code is not None and _names_launch_check(code, function.__globals__, set())
 
 
 def pytest_collection_modifyitems(config, items):
