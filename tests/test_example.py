@@ -27,7 +27,8 @@ def train_gan():
 
 def test_ring8_covers_the_modes(train_gan, tmp_path):
     # 4000 generator steps, seed 0: 8 of 8 modes and 23% high-quality samples when measured
-    # (50 s here). The modes sharpen between 2500 and 3500 steps, so 2500 is a coin toss:
+    # (about 110 s alone on the 2-core machine, 2026-12-03; the same as at this test's first
+    # version, 1200 steps 45 s for both). The modes sharpen between 2500 and 3500 steps, so 2500 is a coin toss:
     # after a change in summation order one 2500-step run had 8 modes and the next 3.
     metrics = train_gan.main(["--data", "ring8", "--steps", "4000", "--seed", "0", "--out", str(tmp_path),
                               "--quiet"])
