@@ -39,7 +39,10 @@ def _cuobjdump():
 
 
 def _extension_path():
-    return glob.glob(os.path.join(os.path.dirname(ganops.__file__), "_C*.so"))[0]
+    # ganops._C itself ("_C.cpython-311-...so"): "_C*.so" also matches the CPU-only test
+    # extension _C_launch_checks, and glob's order is the directory's.
+    (path,) = glob.glob(os.path.join(os.path.dirname(ganops.__file__), "_C.*.so"))
+    return path
 
 
 def resource_usage():
