@@ -259,7 +259,7 @@ def _remove_stale_extensions(package_dir):
     with other switches (the launch checks of `make test TORCH=...`) or against another torch
     would otherwise end up in the wheel."""
     made = {ext.name.rsplit(".", 1)[-1] for ext in extensions}
-    for path in glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd")):
+    for path in glob.glob(os.path.join(package_dir, "_C*.so")):
         if os.path.basename(path).split(".", 1)[0] not in made:
             os.remove(path)
 
