@@ -4,8 +4,8 @@
 # make test TORCH=2.13.0   the same against another torch, in .venv-torch-2.13.0
 # make fuzz    a long random campaign of the differential suite (FUZZ_EXAMPLES, SEED)
 # make build   (re)build the extension in place; ninja recompiles only what changed
-# make wheel   dist/ganops-*.whl for TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX)
-# make wheel-check   that wheel installed and tested in clean environments
+# make wheel   dist/ganops-*+cu13-cp310-abi3-*.whl for TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX)
+# make wheel-check   that wheel's ABI audit, and the suite beside torch 2.14.1 and 2.13.0
 # make gpu-check REPORT=dir [QUICK=1]   everything a GPU can check, into dir/report.md
 # make wheelhouse   the test dependencies as wheels, for gpu-check on a machine offline
 #
@@ -75,17 +75,19 @@ bench: build
 bench-pytest: build
 	$(PY) -m pytest benchmarks/test_benchmarks.py --benchmark-sort=name
 
-# A wheel for a cluster: CUDA kernels for every architecture in the list, on a machine with
-# or without a GPU; the version carries the torch and CUDA it was built for. Without the
-# test-only extension of the launch checks (ganops._C_launch_checks).
+# A wheel for a cluster: one per CUDA major (ganops-<version>+cu13-cp310-abi3-...whl), for
+# every torch >= 2.11 of that CUDA major and every CPython >= 3.10 (stable ABI, abi3); CUDA
+# kernels for every architecture in the list, built on a machine with or without a GPU.
+# Without the test-only extension of the launch checks (ganops._C_launch_checks).
 wheel: $(VENV)/.requirements
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" GANOPS_BUILD_CUDA="$${GANOPS_BUILD_CUDA:-1}" \
 	GANOPS_LOCAL_VERSION=1 GANOPS_LAUNCH_CHECKS=0 $(PY) -m pip wheel --quiet --no-build-isolation --no-deps -w dist .
 	@ls -l dist/ganops-*.whl
 
-# The wheel installed in clean environments, beside the right torch and beside another.
+# The wheel's ABI audit, then the wheel installed in clean environments beside torch 2.14.1
+# and beside torch 2.13.0, the whole suite in each.
 wheel-check: wheel
-	bash tools/check_wheel.sh
+	PYTEST_WORKERS="$(PYTEST_WORKERS)" bash tools/check_wheel.sh
 
 # Registers, shared memory, stack and local memory of every compiled CUDA kernel.
 cuda-resources: build

@@ -1,9 +1,15 @@
-"""Build for ganops: the extension ``ganops._C`` and, for the test suite only,
-``ganops._C_launch_checks``.
+"""Build for ganops: the extension modules ``ganops._C`` (the C++ CPU kernels),
+``ganops._C_cuda`` (the CUDA kernels) and, for the test suite only, ``ganops._C_launch_checks``.
+
+Every module is built on LibTorch's stable ABI (torch/csrc/stable, torch/headeronly) with
+TORCH_TARGET_VERSION = 2.11, and on CPython's limited API (abi3, 3.10): one build loads beside
+every torch from 2.11 on (and before 3) and every CPython from 3.10 on. They register kernels
+only; each op's schema is defined once, by the registry (ganops/_library.py). ganops._C needs
+no CUDA, so it serves a CPU-only torch; ganops._C_cuda is loaded only beside a torch built for
+the CUDA major version it was compiled with (ganops/_ext.py).
 
 The C++ CPU kernels are always compiled. The CUDA kernels are compiled whenever a CUDA
-toolkit whose major version matches torch's is found, with or without a visible GPU. The
-build compiles against the torch that is installed (any torch >= 2.11).
+toolkit whose major version matches torch's is found, with or without a visible GPU.
 
 Work splits are written once, in the Triton kernels: a module-level dict literal
 ``WORK_SPLIT = {"CHUNK_SIZE": 16384, ...}`` in triton_kernels/<op>.py. This file reads every
@@ -26,9 +32,9 @@ Environment variables:
                          (the wheel, gpu-check's build); otherwise it is built.
   GANOPS_EXTENSIONS      0: no compiled extension at all, the torch and Triton backends only
                          (gpu-check's fallback when the build fails). Default 1.
-  GANOPS_LOCAL_VERSION   1: the version carries a local tag naming the torch and CUDA it was
-                         built for (0.1.0+pt2141cu130), and the package requires exactly that
-                         torch. Otherwise it requires torch >= 2.11.
+  GANOPS_LOCAL_VERSION   1: the version carries a local tag naming the CUDA major version its
+                         kernels were built for (0.1.0+cu13), or +cpu without them: the wheel's
+                         name. Either way the package requires torch >= 2.11, < 3.
   TORCH_CUDA_ARCH_LIST   GPU architectures, e.g. "8.0;9.0+PTX". Default: the visible GPUs'
                          architectures, or "9.0+PTX" when none is visible.
   MAX_JOBS               parallel compile jobs (ninja). Default: one per 4 GiB of memory,
@@ -145,11 +151,11 @@ def _env_switch(name, default):
     return value == "1"
 
 
-# Found by glob, so a new op touches no build file: csrc/<op>/<op>.cpp, <op>_cpu.cpp and
-# <op>_cuda.cu go into ganops._C, <op>_launch_check.cpp into ganops._C_launch_checks.
-launch_check_sources = _sources("csrc/*/*_launch_check.cpp")
-cpp_sources = ["csrc/ganops.cpp"] + [p for p in _sources("csrc/*/*.cpp") if p not in launch_check_sources]
-cuda_sources = _sources("csrc/*/*_cuda.cu")
+# Found by glob, so a new op touches no build file: csrc/<op>/<op>_cpu.cpp go into ganops._C,
+# <op>_cuda.cu into ganops._C_cuda, <op>_launch_check.cpp into ganops._C_launch_checks.
+cpu_sources = ["csrc/ganops.cpp"] + _sources("csrc/*/*_cpu.cpp")
+cuda_sources = ["csrc/ganops_cuda.cpp"] + _sources("csrc/*/*_cuda.cu")
+launch_check_sources = ["csrc/ganops_launch_checks.cpp"] + _sources("csrc/*/*_launch_check.cpp")
 build_extensions = _env_switch("GANOPS_EXTENSIONS", "1")
 build_launch_checks = build_extensions and _env_switch("GANOPS_LAUNCH_CHECKS", "1")
 
@@ -180,39 +186,42 @@ def _work_split_definitions():
 
 work_split_flags = _work_split_definitions()
 
-# -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without it every
-# CPU kernel silently runs on one thread. torch ships libgomp, so one runtime is shared.
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"] + work_split_flags
-link_flags = ["-fopenmp"]
-include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-if build_cuda:
-    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
-                  "-DGANOPS_WITH_CUDA"] + work_split_flags
-    extension = CUDAExtension(
-        "ganops._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags + ["-DGANOPS_WITH_CUDA"], "nvcc": nvcc_flags},
-        extra_link_args=link_flags)
-else:
-    extension = CppExtension("ganops._C", cpp_sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
-extensions = [extension] if build_extensions else []
-if build_launch_checks:
-    # CPU code only (the launches are emulated); its ops join the `ganops` namespace that
-    # ganops._C owns, so it is imported after it (tests/conftest.py).
-    extensions.append(CppExtension("ganops._C_launch_checks", ["csrc/ganops_launch_checks.cpp"] + launch_check_sources,
-                                   include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
-                                   extra_link_args=link_flags))
-
-
-TORCH_RELEASE = torch.__version__.split("+")[0]
-# The oldest torch the sources build against (no torch API newer than it is used).
+# The oldest torch the modules load beside: TORCH_TARGET_VERSION makes any stable API newer
+# than it a compile error, so the binary calls nothing an older torch lacks. torch.utils'
+# py_limited_api adds -DPy_LIMITED_API for the CPython the module targets (3.10 on).
 MIN_TORCH = "2.11"
+STABLE_ABI_FLAGS = ["-DTORCH_TARGET_VERSION=0x020b000000000000"]
+# The CPU kernels parallelise with torch's own thread pool (torch::stable::parallel_for), so
+# no OpenMP here.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"] + STABLE_ABI_FLAGS + work_split_flags
+include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+
+
+def _cpu_extension(name, sources):
+    return CppExtension(name, sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                        py_limited_api=True)
+
+
+extensions = []
+if build_extensions:
+    extensions.append(_cpu_extension("ganops._C", cpu_sources))
+if build_extensions and build_cuda:
+    # USE_CUDA: the C shim declares its CUDA functions (the current stream, CUDA errors) under it.
+    nvcc_flags = (["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-DUSE_CUDA"] + STABLE_ABI_FLAGS
+                  + work_split_flags)
+    extensions.append(CUDAExtension("ganops._C_cuda", cuda_sources, include_dirs=include_dirs,
+                                    extra_compile_args={"cxx": cxx_flags + ["-DUSE_CUDA"], "nvcc": nvcc_flags},
+                                    py_limited_api=True))
+if build_launch_checks:
+    # CPU code only (the launches are emulated); its test ops define their own schemas.
+    extensions.append(_cpu_extension("ganops._C_launch_checks", launch_check_sources))
+
 
 
 def _local_version_tag():
-    torch_tag = "pt" + "".join(TORCH_RELEASE.split(".")[:3])
-    cuda_tag = ("cu" + "".join(torch.version.cuda.split(".")[:2])) if build_cuda else "cpu"
-    return f"{torch_tag}{cuda_tag}"
+    """cu13 for a build with CUDA kernels for CUDA 13, cpu without: the wheel serves every
+    torch >= 2.11 of that CUDA major, so the torch is not in the name."""
+    return ("cu" + torch.version.cuda.split(".")[0]) if build_cuda else "cpu"
 
 
 def _write_build_info(path):
@@ -220,7 +229,9 @@ def _write_build_info(path):
         "version": version,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
-        "cuda_kernels": build_cuda,
+        "cuda_kernels": build_cuda and build_extensions,
+        "cuda_major": int(torch.version.cuda.split(".")[0]) if build_cuda else None,
+        "min_torch": MIN_TORCH,
         "cuda_kernels_reason": cuda_reason,
         "nvcc_version": ".".join(map(str, _nvcc_version(cuda_home))) if build_cuda else None,
         "cuda_arch_list": arch_list,
@@ -276,12 +287,10 @@ class BuildPyWithoutStaleExtensions(build_py):
 BASE_VERSION = "0.1.0"
 
 version = BASE_VERSION
-# Dynamic in pyproject.toml: a source build runs beside any torch it compiled against, a
-# wheel tagged for one torch only beside that torch (its compiled ops refuse any other).
-install_requires = [f"torch>={MIN_TORCH}"]
 if os.environ.get("GANOPS_LOCAL_VERSION", "0") == "1":
     version = f"{BASE_VERSION}+{_local_version_tag()}"
-    install_requires = [f"torch=={TORCH_RELEASE}"]
+# Dynamic in pyproject.toml: the stable ABI's promise runs to the next major torch.
+install_requires = [f"torch>={MIN_TORCH},<3"]
 
 setup(
     version=version,
@@ -290,4 +299,6 @@ setup(
     package_dir={"ganops.triton_kernels": "triton_kernels"},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExtensionInTree, "build_py": BuildPyWithoutStaleExtensions},
+    # abi3: the wheel is tagged cp310-abi3, for every CPython from 3.10 on.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,8 +1,8 @@
 // Module init for ganops._C_launch_checks, the test-only extension of the launch checks
 // (csrc/<op>/<op>_launch_check.cpp): test ops that replay each CUDA launch on the CPU. They
 // are not part of the library: the wheel leaves this extension out, and tests/conftest.py
-// imports it after ganops._C, whose TORCH_LIBRARY owns the `ganops` namespace the checks'
-// fragments join (GANOPS_LAUNCH_CHECK_OP, csrc/include/ganops/launch_emulation.h).
+// imports it where it was built. Each check defines its own test op in the `ganops`
+// namespace (GANOPS_LAUNCH_CHECK_OP, csrc/include/ganops/launch_emulation.h).
 #include <Python.h>
 
 extern "C" {

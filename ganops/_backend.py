@@ -96,8 +96,7 @@ def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
         if not _ext.load():
             return _ext.load_error()
         if device.type == "cuda" and not _ext.has_cuda_kernels():
-            reason = _ext.build_facts().get("cuda_kernels_reason")
-            return f"ganops was built without its CUDA kernels ({reason})"
+            return _ext.cuda_load_error()
         return None
     if backend == "triton":
         if not _triton_installed():

@@ -8,10 +8,11 @@ and everything else is derived from that declaration.
 
 From it come:
 
-- on the ``cpp`` backend, the op ``ganops::<name>`` whose schema, CPU kernel and CUDA kernel
-  csrc/<op>/ registers, gets its fake (for torch.compile and meta tensors) and its autograd
-  formula. The schema written here is the one the C++ declares; tests/test_contract.py holds
-  the two equal.
+- on the ``cpp`` backend, the op ``ganops::<name>``, defined here with this schema (the one
+  place it is written) when the compiled kernels are loaded; csrc/<op>/ registers only its
+  CPU and CUDA kernels (GANOPS_KERNEL). It gets its fake (for torch.compile and meta tensors)
+  and its autograd formula. tests/test_contract.py checks that every op has its kernels and
+  that the C++ implements no op the registry does not define.
 - on the ``triton`` backend, the twin ``ganops::<name>_triton`` (``<stem>_triton_`` for an
   in-place ``<stem>_``): a custom op of the same schema around the launcher named by
   ``triton`` (a function of ganops.triton_kernels.<module>, imported on first use), with the
@@ -146,6 +147,18 @@ def _triton_twin(op: Op) -> Callable:
     return launch
 
 
+# The library the cpp ops are defined in; kept for the life of the process (the definitions
+# go with it).
+_CPP_LIBRARY: torch.library.Library | None = None
+
+
+def _define_cpp_op(op: Op) -> None:
+    global _CPP_LIBRARY
+    if _CPP_LIBRARY is None:
+        _CPP_LIBRARY = torch.library.Library("ganops", "FRAGMENT")
+    _CPP_LIBRARY.define(f"{op.name}{op.schema}")
+
+
 def _register_fake_and_autograd(op: Op, backend: str) -> None:
     qualname = op.qualname(backend)
     torch.library.register_fake(qualname)(op.fake)
@@ -174,6 +187,7 @@ def define(name: str, schema: str, *, fake: Callable, reference: Callable, trito
         raise ValueError(f"ganops op {name!r} is declared twice")
     op = Op(name, schema, fake, reference, triton, backward, setup_context, examples, gpu_examples)
     if _ext.load():
+        _define_cpp_op(op)
         _register_fake_and_autograd(op, "cpp")
     torch.library.custom_op(op.qualname("triton"), _triton_twin(op), mutates_args=op.mutated_args,
                             schema=schema)

@@ -92,21 +92,59 @@ def test_named_backend_that_cannot_serve_raises(monkeypatch):
         _backend.resolve("cpp", "meta")
 
 
-def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+def _reload_extension_state(monkeypatch, **build_info):
+    """_ext as on a fresh import, with these build facts changed: load() decides again (the
+    modules themselves stay imported)."""
     monkeypatch.setattr(_ext, "_loaded", None)
     monkeypatch.setattr(_ext, "_load_error", None)
-    info = dict(_ext._build_info_module() or {}, torch_version="2.0.0")
+    monkeypatch.setattr(_ext, "_cuda_error", None)
+    info = dict(_ext._build_info_module() or {}, **build_info)
     monkeypatch.setattr(_ext, "_build_info_module", lambda: dict(info))
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    # A torch older than the stable ABI the kernels target.
+    _reload_extension_state(monkeypatch, min_torch="99.0")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not _ext.load()
         assert not _ext.load()
-    assert len(caught) == 1 and "built against torch 2.0.0" in str(caught[0].message)
+    assert len(caught) == 1 and "need torch >= 99.0" in str(caught[0].message)
     assert "cpp" not in ganops.available_backends("cpu")
-    with pytest.raises(ganops.BackendUnavailableError, match="2.0.0"):
+    with pytest.raises(ganops.BackendUnavailableError, match="99.0"):
         ganops.clip_grad_norm_(make_params([(3,)]), 1.0, backend="cpp")
     params = make_params([(3,)])
     ganops.clip_grad_norm_(params, 1.0)  # auto still serves
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+def test_cuda_kernels_of_another_cuda_major_warn_and_leave_the_cpu_kernels_serving(monkeypatch):
+    """A wheel is built per CUDA major: beside a torch of another one, its CUDA kernels stay
+    unloaded, with a warning that names both, and its CPU kernels serve."""
+    _reload_extension_state(monkeypatch, cuda_kernels=True, cuda_major=13)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _ext.load()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "built for CUDA 13" in messages[0] and "CUDA 12.8" in messages[0], messages
+    assert not _ext.has_cuda_kernels()
+    assert "cpp" in ganops.available_backends("cpu")
+    assert "built for CUDA 13" in _backend.unavailable_reason("cpp", "cuda")
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled extension is not built")
+def test_cuda_kernels_are_not_asked_for_beside_a_cpu_torch(monkeypatch):
+    """Beside a CPU-only torch there is nothing to warn about: the CUDA kernels simply do not
+    serve, and the reason says so."""
+    _reload_extension_state(monkeypatch, cuda_kernels=True, cuda_major=13)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ext.load()
+    assert not [w for w in caught if "ganops" in str(w.message)]
+    assert not _ext.has_cuda_kernels()
+    assert "is not a CUDA build" in _ext.cuda_load_error()
 
 
 def test_build_info():

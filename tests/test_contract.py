@@ -1,7 +1,7 @@
 """The contract every registered op keeps, parametrized over the op registry
 (ganops._library.REGISTRY), with the examples each op declares:
 
-- the C++ schema is the registry's, and no op escapes the registry;
+- the registry defines every compiled op, the C++ implements each and no other;
 - torch.library.opcheck passes on both compiled backends;
 - the fake gives every backend's output metadata;
 - cpp and triton agree with the reference (outputs and arguments changed in place);
@@ -80,6 +80,8 @@ def assert_same_results(actual, expected, dtype) -> None:
 @requires_cpp
 @op_params
 def test_cpp_schema_is_the_registrys(op):
+    """The registry defines the compiled op (the C++ registers kernels only), and its Triton
+    twin, with the one schema written in the hub."""
     declared = str(torch._C.parse_schema(f"ganops::{op.name}{op.schema}"))
     assert str(op.overload("cpp")._schema) == declared
     twin = str(op.overload("triton")._schema)
@@ -87,26 +89,41 @@ def test_cpp_schema_is_the_registrys(op):
 
 
 @requires_cpp
-def test_every_compiled_op_is_registered():
-    """Every op the extension defines is declared in a hub, but its CPU-only test hooks
-    (``_<op>_cuda_launch_check``) and the Triton twins the registry derives."""
-    twins = {_library.triton_name(name) for name in _library.REGISTRY}
-    defined = {schema.name.split("::")[1] for schema in torch._C._jit_get_all_schemas()
-               if schema.name.startswith("ganops::")}
-    kernels = {name for name in defined - twins if not name.endswith("_cuda_launch_check")}
+@op_params
+def test_every_op_has_its_compiled_kernels(op):
+    """csrc/<op>/ implements each registry op on the CPU, and on CUDA where the CUDA kernels
+    are loaded: an op the C++ forgot (or registered under another name) fails here."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname("cpp"), "CPU")
+    if _ext.has_cuda_kernels():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname("cpp"), "CUDA")
+
+
+def _ops_with_kernels(*dispatch_keys):
+    return {name.split("::")[1] for key in dispatch_keys
+            for name in torch._C._dispatch_get_registrations_for_dispatch_key(key) if name.startswith("ganops::")}
+
+
+@requires_cpp
+def test_every_compiled_kernel_implements_a_registry_op():
+    """The C++ implements no op the registry does not define (a kernel registered for a name
+    no hub declares would never be reached), but the CPU-only test hooks of the launch checks
+    (``_<op>_cuda_launch_check``)."""
+    kernels = {name for name in _ops_with_kernels("CPU", "CUDA") if not name.endswith("_cuda_launch_check")}
     assert kernels == set(_library.REGISTRY)
 
 
-def test_the_shipped_extension_holds_no_launch_check():
+def test_the_shipped_extensions_hold_no_launch_check():
     """The launch checks are test ops: they live in ganops._C_launch_checks (built for the
-    suite, not shipped), never in ganops._C."""
+    suite, not shipped), never in ganops._C or ganops._C_cuda."""
     import importlib.util
     import re
-    spec = importlib.util.find_spec("ganops._C")
-    if spec is None or not spec.origin:
+    origins = [spec.origin for spec in map(importlib.util.find_spec, ("ganops._C", "ganops._C_cuda"))
+               if spec is not None and spec.origin]
+    if not origins:
         pytest.skip("the compiled extension is not built")
-    with open(spec.origin, "rb") as f:
-        assert not re.search(rb"_cuda_launch_check", f.read())
+    for origin in origins:
+        with open(origin, "rb") as f:
+            assert not re.search(rb"_cuda_launch_check", f.read()), origin
 
 
 def _expanded(*shape):

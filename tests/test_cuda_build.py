@@ -39,14 +39,13 @@ def _cuobjdump():
 
 
 def _extension_path():
-    # ganops._C itself ("_C.cpython-311-...so"): "_C*.so" also matches the CPU-only test
-    # extension _C_launch_checks, and glob's order is the directory's.
-    (path,) = glob.glob(os.path.join(os.path.dirname(ganops.__file__), "_C.*.so"))
+    # ganops._C_cuda, the module of the CUDA kernels ("_C_cuda.abi3.so").
+    (path,) = glob.glob(os.path.join(os.path.dirname(ganops.__file__), "_C_cuda.*.so"))
     return path
 
 
 def resource_usage():
-    """{(arch, kernel): {REG, STACK, SHARED, LOCAL, ...}} for every kernel in ganops._C."""
+    """{(arch, kernel): {REG, STACK, SHARED, LOCAL, ...}} for every kernel in ganops._C_cuda."""
     out = subprocess.run([_cuobjdump(), "--dump-resource-usage", _extension_path()],
                          capture_output=True, text=True, check=True).stdout
     usage, arch = {}, None

@@ -7,7 +7,6 @@
 // does not depend on the thread count.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ganops/block.h>
 #include <ganops/checks.h>
 #include <ganops/common.h>
@@ -213,20 +212,20 @@ constexpr int kNumGroups = 4;
 
 inline int dtype_group(c10::ScalarType t) {
   switch (t) {
-    case c10::kFloat: return 0;
-    case c10::kDouble: return 1;
-    case c10::kHalf: return 2;
+    case ScalarType::Float: return 0;
+    case ScalarType::Double: return 1;
+    case ScalarType::Half: return 2;
     default: return 3;
   }
 }
 
 // The norm's dtype: the widest accumulation dtype of the tensors (float64 if any tensor is
 // float64, else float32).
-inline c10::ScalarType result_dtype(at::TensorList tensors) {
+inline c10::ScalarType result_dtype(const TensorList& tensors) {
   for (const auto& t : tensors) {
-    if (acc_dtype(t.scalar_type()) == c10::kDouble) return c10::kDouble;
+    if (acc_dtype(t.scalar_type()) == ScalarType::Double) return ScalarType::Double;
   }
-  return c10::kFloat;
+  return ScalarType::Float;
 }
 
 struct Tables {
@@ -238,33 +237,34 @@ struct Tables {
 // Checks shared by the CPU and CUDA host code; Python reports these errors again with the
 // user's argument names.
 inline void check_norm_type(double norm_type) {
-  TORCH_CHECK(norm_type > 0, "norm_type must be positive, got ", norm_type);
+  STD_TORCH_CHECK(norm_type > 0, "norm_type must be positive, got ", norm_type);
 }
 
-inline void check_grad_tensor(const at::Tensor& t, const at::Device& device) {
-  TORCH_CHECK(t.layout() == at::kStrided, "gradients must be dense (strided) tensors, got ", t.layout());
+inline void check_grad_tensor(const Tensor& t, const Device& device) {
+  STD_TORCH_CHECK(t.layout() == torch::headeronly::Layout::Strided, "gradients must be dense (strided) tensors, got layout ",
+                  layout_text(t.layout()));
   check_float(t, "every gradient");
-  TORCH_CHECK(t.device() == device, "gradients must all be on one device, got ", device, " and ", t.device());
+  STD_TORCH_CHECK(t.device() == device, "gradients must all be on one device, got ", device_text(device), " and ", device_text(t));
 }
 
 // Every tensor dense, floating and on one device, of type `device`.
-inline void check_grad_tensors(at::TensorList tensors, c10::DeviceType device) {
+inline void check_grad_tensors(const TensorList& tensors, DeviceType device) {
   for (const auto& t : tensors) check_grad_tensor(t, tensors[0].device());
   if (!tensors.empty()) {
-    TORCH_CHECK(tensors[0].device().type() == device, "expected ", c10::DeviceTypeName(device), " tensors, got ",
-                tensors[0].device());
+    STD_TORCH_CHECK(tensors[0].device().type() == device, "expected ", device_type_text(device), " tensors, got ",
+                device_text(tensors[0]));
   }
 }
 
-inline void check_total_norm(const at::Tensor& total_norm, const at::Device& device) {
-  TORCH_CHECK(total_norm.numel() == 1, "total_norm must hold one value, got shape ", total_norm.sizes());
-  TORCH_CHECK(total_norm.device() == device, "total_norm must be on ", device, ", got ", total_norm.device());
-  TORCH_CHECK(total_norm.scalar_type() == c10::kFloat || total_norm.scalar_type() == c10::kDouble,
+inline void check_total_norm(const Tensor& total_norm, const Device& device) {
+  STD_TORCH_CHECK(total_norm.numel() == 1, "total_norm must hold one value, got shape ", shape_text(total_norm));
+  STD_TORCH_CHECK(total_norm.device() == device, "total_norm must be on ", device_text(device), ", got ", device_text(total_norm));
+  STD_TORCH_CHECK(total_norm.scalar_type() == ScalarType::Float || total_norm.scalar_type() == ScalarType::Double,
               "total_norm must be float32 or float64, got ", total_norm.scalar_type());
 }
 
 // Table entries for contiguous tensors; by_dtype puts each dtype in its own group.
-inline std::vector<TensorEntry> entries_of(const std::vector<at::Tensor>& tensors, bool by_dtype) {
+inline std::vector<TensorEntry> entries_of(const std::vector<Tensor>& tensors, bool by_dtype) {
   std::vector<TensorEntry> out;
   out.reserve(tensors.size());
   for (const auto& t : tensors) {

@@ -1,11 +1,8 @@
 // CPU kernels of the multi-tensor norm and scale.
 //
-// Work is split into the chunks of clip_grad_norm.h; at::parallel_for hands chunks to
+// Work is split into the chunks of clip_grad_norm.h; torch::stable::parallel_for hands chunks to
 // threads, each chunk's partial lands in its own slot and the slots are combined in a
 // fixed order, so the result is bit-identical whatever the thread count.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <ganops/checks.h>
 #include <ganops/contiguous.h>
@@ -55,12 +52,12 @@ double chunk_partial(const T* x, int64_t n, NormSpec s) {
 // (2000 grads of 64 elements: 268 us on one thread, with 2-thread fork overhead more).
 constexpr int64_t kParallelMinElements = 1 << 18;
 
-// Grain for at::parallel_for over chunks: everything inline for small sets.
+// Grain for parallel_for over chunks: everything inline for small sets.
 int64_t chunk_grain(const Tables& tables, int64_t total_elements) {
   return total_elements < kParallelMinElements ? std::max<int64_t>(tables.n_chunks, 1) : 1;
 }
 
-int64_t total_elements(const std::vector<at::Tensor>& tensors) {
+int64_t total_elements(const std::vector<Tensor>& tensors) {
   int64_t n = 0;
   for (const auto& t : tensors) n += t.numel();
   return n;
@@ -68,14 +65,14 @@ int64_t total_elements(const std::vector<at::Tensor>& tensors) {
 
 // Partials, per-tensor sums and the total are kept in double here, then rounded once to
 // the result dtype.
-std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& tensors, const Tables& tables,
+std::tuple<Tensor, Tensor> norm_impl(const std::vector<Tensor>& tensors, const Tables& tables,
                                              NormSpec s, bool per_tensor, c10::ScalarType out_dtype) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   const TableView view = table_view(tables.buffer.data(), n, tables.n_chunks);
   std::vector<double> partials(tables.n_chunks);
-  at::parallel_for(0, tables.n_chunks, chunk_grain(tables, total_elements(tensors)), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, tables.n_chunks, chunk_grain(tables, total_elements(tensors)), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const at::Tensor& t = tensors[view.chunk_tensor[c]];
+      const Tensor& t = tensors[view.chunk_tensor[c]];
       GANOPS_DISPATCH_FLOATING_TYPES(t.scalar_type(), "multi_tensor_norm_cpu", [&] {
         const scalar_t* x = t.const_data_ptr<scalar_t>() + view.chunk_offset[c];
         partials[c] = chunk_partial<scalar_t, acc_t<scalar_t>>(x, view.chunk_len[c], s);
@@ -86,22 +83,22 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const std::vector<at::Tensor>& tens
   std::vector<double> sums(n);
   for (int64_t k = 0; k < n; ++k) sums[k] = tensor_finish_thread<double>(view, partials.data(), k, 0, 1, s);
   const double combined = total_finish_thread<double>(sums.data(), n, 0, 1, s);
-  const auto opts = at::TensorOptions().dtype(out_dtype);
-  at::Tensor per_out = at::empty({per_tensor ? n : 0}, opts);
-  at::Tensor total = at::empty({}, opts);
-  AT_DISPATCH_FLOATING_TYPES(out_dtype, "multi_tensor_norm_cpu_out", [&] {
+  const auto opts = Options{}.dtype(out_dtype);
+  Tensor per_out = empty({per_tensor ? n : 0}, opts);
+  Tensor total = empty({}, opts);
+  GANOPS_DISPATCH_FLOAT_DOUBLE(out_dtype, "multi_tensor_norm_cpu_out", [&] {
     for (int64_t k = 0; k < per_out.numel(); ++k) {
-      per_out.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(norm_finish(sums[k], s));
+      per_out.mutable_data_ptr<scalar_t>()[k] = static_cast<scalar_t>(norm_finish(sums[k], s));
     }
-    total.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(norm_finish(combined, s));
+    total.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(norm_finish(combined, s));
   });
   return {total, per_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
+std::tuple<Tensor, Tensor> multi_tensor_norm_cpu(const TensorList& tensors, double norm_type,
                                                          bool per_tensor) {
   check_norm_type(norm_type);
-  check_grad_tensors(tensors, c10::DeviceType::CPU);
+  check_grad_tensors(tensors, DeviceType::CPU);
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   return norm_impl(contig, tables, make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
@@ -111,15 +108,15 @@ GANOPS_KERNEL(CPU, "multi_tensor_norm", multi_tensor_norm_cpu)
 // Runs an in-place update (ScaleOp, ClampOp) over contiguous tensors, chunk by chunk in
 // parallel: each chunk binds the op for its dtype and walks its elements.
 template <typename Op>
-void update_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const Op& op) {
+void update_impl(const std::vector<Tensor>& contig, const Tables& tables, const Op& op) {
   const TableView view = table_view(tables.buffer.data(), static_cast<int64_t>(contig.size()), tables.n_chunks);
-  at::parallel_for(0, tables.n_chunks, chunk_grain(tables, total_elements(contig)), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, tables.n_chunks, chunk_grain(tables, total_elements(contig)), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const at::Tensor& t = contig[view.chunk_tensor[c]];
+      const Tensor& t = contig[view.chunk_tensor[c]];
       GANOPS_DISPATCH_FLOATING_TYPES(t.scalar_type(), "multi_tensor_update_cpu", [&] {
         const auto f = op.template bind<acc_t<scalar_t>>();
         if (f.identity()) return;
-        scalar_t* x = t.data_ptr<scalar_t>() + view.chunk_offset[c];
+        scalar_t* x = t.mutable_data_ptr<scalar_t>() + view.chunk_offset[c];
         const int64_t len = view.chunk_len[c];
         for (int64_t i = 0; i < len; ++i) update_element(x + i, f);
       });
@@ -128,9 +125,9 @@ void update_impl(const std::vector<at::Tensor>& contig, const Tables& tables, co
 }
 
 // Scales contiguous tensors in place by the clip coefficient of a norm in host memory.
-void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, const at::Tensor& total_norm,
+void scale_impl(const std::vector<Tensor>& contig, const Tables& tables, const Tensor& total_norm,
                 double max_norm) {
-  AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient", [&] {
+  GANOPS_DISPATCH_FLOAT_DOUBLE(total_norm.scalar_type(), "clip_coefficient", [&] {
     const scalar_t coef = clip_coefficient(*total_norm.const_data_ptr<scalar_t>(), max_norm);
     const ScaleOp<scalar_t> op{&coef};
     // Multiplying by exactly 1 changes no value (NaN stays NaN), so skip the pass.
@@ -139,9 +136,9 @@ void scale_impl(const std::vector<at::Tensor>& contig, const Tables& tables, con
   });
 }
 
-void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
-  check_grad_tensors(tensors, c10::DeviceType::CPU);
-  check_total_norm(total_norm, at::Device(at::kCPU));
+void multi_tensor_scale_cpu(const TensorList& tensors, const Tensor& total_norm, double max_norm) {
+  check_grad_tensors(tensors, DeviceType::CPU);
+  check_total_norm(total_norm, Device(DeviceType::CPU));
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   scale_impl(contig, tables, total_norm, max_norm);
@@ -149,8 +146,8 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm
 }
 GANOPS_KERNEL(CPU, "multi_tensor_scale_", multi_tensor_scale_cpu)
 
-void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
-  check_grad_tensors(tensors, c10::DeviceType::CPU);
+void multi_tensor_clamp_cpu(const TensorList& tensors, double clip_value) {
+  check_grad_tensors(tensors, DeviceType::CPU);
   const auto contig = contiguous_all(tensors);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   update_impl(contig, tables, ClampOp{clip_value});
@@ -158,9 +155,9 @@ void multi_tensor_clamp_cpu(at::TensorList tensors, double clip_value) {
 }
 GANOPS_KERNEL(CPU, "multi_tensor_clamp_", multi_tensor_clamp_cpu)
 
-at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {
+Tensor clip_grad_norm_cpu(const TensorList& grads, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_grad_tensors(grads, c10::DeviceType::CPU);
+  check_grad_tensors(grads, DeviceType::CPU);
   const auto contig = contiguous_all(grads);
   const Tables tables = build_tables(entries_of(contig, /*by_dtype=*/false), 1);
   const auto [total, per] = norm_impl(contig, tables, make_norm_spec(norm_type), false, result_dtype(grads));

@@ -7,14 +7,9 @@
 // (clip_grad_norm.h) into partials[b]; the finishing blocks combine the partials in a fixed
 // order, so the norm is deterministic, and the clip coefficient is read from device memory:
 // nothing waits on the host.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <ganops/checks.h>
+#include <ganops/cuda.h>
 #include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
 #include <ganops/grid.h>
@@ -105,9 +100,9 @@ __global__ void upload_kernel(int64_t* table, UploadSlice slice) {
   for (int64_t i = threadIdx.x; i < slice.count; i += blockDim.x) table[slice.offset + i] = slice.values[i];
 }
 
-void check_cuda_tensors(at::TensorList tensors) {
-  TORCH_CHECK(!tensors.empty(), "expected at least one tensor");
-  check_grad_tensors(tensors, c10::DeviceType::CUDA);
+void check_cuda_tensors(const TensorList& tensors) {
+  STD_TORCH_CHECK(!tensors.empty(), "expected at least one tensor");
+  check_grad_tensors(tensors, DeviceType::CUDA);
 }
 
 // The tables on the device, without blocking the host and safe to capture in a CUDA graph.
@@ -118,35 +113,36 @@ void check_cuda_tensors(at::TensorList tensors) {
 // handed out again; so the values travel instead in the parameters of upload kernels
 // (kUploadValues per launch), which the graph stores with its nodes. The device table
 // itself comes from the graph's memory pool, as every temporary of a captured call does.
-at::Tensor tables_on_device(const Tables& tables, const at::Device& device) {
+Tensor tables_on_device(const Tables& tables, const Device& device) {
   const int64_t size = static_cast<int64_t>(tables.buffer.size());
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    at::Tensor table = at::empty({std::max<int64_t>(size, 1)}, at::TensorOptions().dtype(c10::kLong).device(device));
-    auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(device);
+  if (capturing(stream)) {
+    Tensor table = empty({std::max<int64_t>(size, 1)}, ScalarType::Long, device);
     for (int64_t offset = 0; offset < size; offset += kUploadValues) {
       UploadSlice slice{};
       slice.offset = offset;
       slice.count = std::min<int64_t>(kUploadValues, size - offset);
       std::copy_n(tables.buffer.begin() + offset, slice.count, slice.values);
-      upload_kernel<<<1, 256, 0, stream>>>(table.data_ptr<int64_t>(), slice);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      upload_kernel<<<1, 256, 0, stream>>>(table.mutable_data_ptr<int64_t>(), slice);
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
     return table;
   }
-  at::Tensor staging = at::empty({size}, at::TensorOptions().dtype(c10::kLong).pinned_memory(true));
-  std::copy(tables.buffer.begin(), tables.buffer.end(), staging.data_ptr<int64_t>());
-  return staging.to(device, /*non_blocking=*/true);
+  Tensor staging = torch::stable::empty({size}, ScalarType::Long, std::nullopt, Device(DeviceType::CPU),
+                                        /*pin_memory=*/true);
+  std::copy(tables.buffer.begin(), tables.buffer.end(), staging.mutable_data_ptr<int64_t>());
+  return torch::stable::to(staging, device, /*non_blocking=*/true);
 }
 
 // Calls launch(dtype, first_chunk, count) for every dtype group that has chunks: one kernel
 // launch per grad dtype, over its contiguous range of chunks.
 template <typename Launch>
-void for_each_dtype_group(const std::vector<at::Tensor>& tensors, const Tables& tables, Launch&& launch) {
+void for_each_dtype_group(const std::vector<Tensor>& tensors, const Tables& tables, Launch&& launch) {
   for (int g = 0; g < kNumGroups; ++g) {
     const int64_t first = tables.group_first_chunk[g];
     const int64_t count = tables.group_first_chunk[g + 1] - first;
     if (count == 0) continue;
-    c10::ScalarType dtype = c10::kFloat;
+    c10::ScalarType dtype = ScalarType::Float;
     for (const auto& t : tensors) {
       if (dtype_group(t.scalar_type()) == g) dtype = t.scalar_type();
     }
@@ -157,54 +153,54 @@ void for_each_dtype_group(const std::vector<at::Tensor>& tensors, const Tables& 
 // The tensors, contiguous (copies of those that were not), and their chunk tables on the host
 // and on the device: what every launch below reads.
 struct ChunkedTensors {
-  std::vector<at::Tensor> contig;
+  std::vector<Tensor> contig;
   Tables tables;
-  at::Tensor table;  // tables.buffer on the device
+  Tensor table;  // tables.buffer on the device
 };
 
-ChunkedTensors chunked(at::TensorList tensors) {
-  std::vector<at::Tensor> contig = contiguous_all(tensors);
+ChunkedTensors chunked(const TensorList& tensors) {
+  std::vector<Tensor> contig = contiguous_all(tensors);
   Tables tables = build_tables(entries_of(contig, /*by_dtype=*/true), kNumGroups);
-  at::Tensor table = tables_on_device(tables, tensors[0].device());
+  Tensor table = tables_on_device(tables, tensors[0].device());
   return {std::move(contig), std::move(tables), std::move(table)};
 }
 
 // The norm's outputs; coef is defined when the call clips.
 struct NormOutputs {
-  at::Tensor total, per, coef;
+  Tensor total, per, coef;
 };
 
 template <typename Out>
 void launch_norm(const ChunkedTensors& c, NormSpec s, NormOutputs& out, double max_norm) {
   const int64_t n = static_cast<int64_t>(c.contig.size());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials = at::empty({std::max<int64_t>(c.tables.n_chunks, 1)}, out.total.options());
+  const cudaStream_t stream = current_stream(out.total);
+  Tensor partials = empty({std::max<int64_t>(c.tables.n_chunks, 1)}, options(out.total));
   for_each_dtype_group(c.contig, c.tables, [&](c10::ScalarType dtype, int64_t first, int64_t count) {
     GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_norm_cuda", [&] {
       chunk_partial_kernel<scalar_t, Out><<<count, kThreads, 0, stream>>>(
-          c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, first, partials.data_ptr<Out>(), s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, first, partials.mutable_data_ptr<Out>(), s);
+      GANOPS_CUDA_LAUNCH_CHECK();
     });
   });
-  at::Tensor sums = at::empty({n}, out.total.options());
+  Tensor sums = empty({n}, options(out.total));
   tensor_finish_kernel<Out><<<grid_x(n, "multi_tensor_norm"), kThreads, 0, stream>>>(
-      c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, partials.const_data_ptr<Out>(), sums.data_ptr<Out>(),
-      out.per.numel() > 0 ? out.per.data_ptr<Out>() : nullptr, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  total_finish_kernel<Out><<<1, kThreads, 0, stream>>>(sums.const_data_ptr<Out>(), n, out.total.data_ptr<Out>(),
-                                                       out.coef.defined() ? out.coef.data_ptr<Out>() : nullptr,
+      c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, partials.const_data_ptr<Out>(), sums.mutable_data_ptr<Out>(),
+      out.per.numel() > 0 ? out.per.mutable_data_ptr<Out>() : nullptr, s);
+  GANOPS_CUDA_LAUNCH_CHECK();
+  total_finish_kernel<Out><<<1, kThreads, 0, stream>>>(sums.const_data_ptr<Out>(), n, out.total.mutable_data_ptr<Out>(),
+                                                       out.coef.defined() ? out.coef.mutable_data_ptr<Out>() : nullptr,
                                                        max_norm, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GANOPS_CUDA_LAUNCH_CHECK();
 }
 
 // The total norm, the per-tensor norms when per_tensor, and the clip coefficient when
 // max_norm is given.
 NormOutputs norm_impl(const ChunkedTensors& c, NormSpec s, bool per_tensor, c10::ScalarType out_dtype,
                       std::optional<double> max_norm = std::nullopt) {
-  const auto opts = at::TensorOptions().dtype(out_dtype).device(c.contig[0].device());
-  NormOutputs out{at::empty({}, opts), at::empty({per_tensor ? static_cast<int64_t>(c.contig.size()) : 0}, opts),
-                  max_norm ? at::empty({}, opts) : at::Tensor()};
-  if (out_dtype == c10::kDouble) {
+  const auto opts = Options{}.dtype(out_dtype).device(c.contig[0].device());
+  NormOutputs out{empty({}, opts), empty({per_tensor ? static_cast<int64_t>(c.contig.size()) : 0}, opts),
+                  max_norm ? empty({}, opts) : Tensor()};
+  if (out_dtype == ScalarType::Double) {
     launch_norm<double>(c, s, out, max_norm.value_or(0.0));
   } else {
     launch_norm<float>(c, s, out, max_norm.value_or(0.0));
@@ -216,62 +212,62 @@ NormOutputs norm_impl(const ChunkedTensors& c, NormSpec s, bool per_tensor, c10:
 template <typename Op>
 void update_impl(const ChunkedTensors& c, const Op& op) {
   const int64_t n = static_cast<int64_t>(c.contig.size());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(c.table);
   for_each_dtype_group(c.contig, c.tables, [&](c10::ScalarType dtype, int64_t first, int64_t count) {
     GANOPS_DISPATCH_FLOATING_TYPES(dtype, "multi_tensor_update_cuda", [&] {
       chunk_update_kernel<scalar_t, Op><<<count, kThreads, 0, stream>>>(
           c.table.const_data_ptr<int64_t>(), n, c.tables.n_chunks, first, op);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      GANOPS_CUDA_LAUNCH_CHECK();
     });
   });
 }
 
 // Scales by a clip coefficient already on the device.
-void scale_impl(const ChunkedTensors& c, const at::Tensor& coef) {
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "multi_tensor_scale_cuda", [&] {
+void scale_impl(const ChunkedTensors& c, const Tensor& coef) {
+  GANOPS_DISPATCH_FLOAT_DOUBLE(coef.scalar_type(), "multi_tensor_scale_cuda", [&] {
     update_impl(c, ScaleOp<scalar_t>{coef.const_data_ptr<scalar_t>()});
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type,
+std::tuple<Tensor, Tensor> multi_tensor_norm_cuda(const TensorList& tensors, double norm_type,
                                                           bool per_tensor) {
   check_norm_type(norm_type);
   check_cuda_tensors(tensors);
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  CudaDeviceGuard guard(tensors[0]);
   NormOutputs out = norm_impl(chunked(tensors), make_norm_spec(norm_type), per_tensor, result_dtype(tensors));
   return {out.total, out.per};
 }
 GANOPS_KERNEL(CUDA, "multi_tensor_norm", multi_tensor_norm_cuda)
 
-void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
+void multi_tensor_scale_cuda(const TensorList& tensors, const Tensor& total_norm, double max_norm) {
   check_cuda_tensors(tensors);
   check_total_norm(total_norm, tensors[0].device());
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  CudaDeviceGuard guard(tensors[0]);
   const ChunkedTensors c = chunked(tensors);
-  at::Tensor coef = at::empty({}, total_norm.options());
-  AT_DISPATCH_FLOATING_TYPES(total_norm.scalar_type(), "clip_coefficient_cuda", [&] {
-    coefficient_kernel<scalar_t><<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        total_norm.const_data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), max_norm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor coef = empty({}, options(total_norm));
+  GANOPS_DISPATCH_FLOAT_DOUBLE(total_norm.scalar_type(), "clip_coefficient_cuda", [&] {
+    coefficient_kernel<scalar_t><<<1, 1, 0, current_stream(tensors[0])>>>(
+        total_norm.const_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>(), max_norm);
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   scale_impl(c, coef);
   copy_back(tensors, c.contig);
 }
 GANOPS_KERNEL(CUDA, "multi_tensor_scale_", multi_tensor_scale_cuda)
 
-void multi_tensor_clamp_cuda(at::TensorList tensors, double clip_value) {
+void multi_tensor_clamp_cuda(const TensorList& tensors, double clip_value) {
   check_cuda_tensors(tensors);
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  CudaDeviceGuard guard(tensors[0]);
   const ChunkedTensors c = chunked(tensors);
   update_impl(c, ClampOp{clip_value});
   copy_back(tensors, c.contig);
 }
 GANOPS_KERNEL(CUDA, "multi_tensor_clamp_", multi_tensor_clamp_cuda)
 
-at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type) {
+Tensor clip_grad_norm_cuda(const TensorList& grads, double max_norm, double norm_type) {
   check_norm_type(norm_type);
   check_cuda_tensors(grads);
-  c10::cuda::CUDAGuard guard(grads[0].device());
+  CudaDeviceGuard guard(grads[0]);
   const ChunkedTensors c = chunked(grads);
   const NormOutputs out = norm_impl(c, make_norm_spec(norm_type), false, result_dtype(grads), max_norm);
   scale_impl(c, out.coef);

@@ -1,9 +1,8 @@
 // The CUDA norm launches of clip_grad_norm_cuda.cu run on the CPU, block by block and thread
 // by thread (ganops/launch_emulation.h), with the same tables, per-thread functions and
 // reduction order: a test op for CPU tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
+#include <ganops/tensor.h>
 #include <ganops/contiguous.h>
 #include <ganops/dispatch.h>
 #include <ganops/launch_emulation.h>
@@ -16,10 +15,10 @@
 namespace ganops::clip_grad_norm {
 namespace {
 
-using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LaunchCheck = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 template <typename Out>
-LaunchCheck launch_check_impl(const std::vector<at::Tensor>& tensors, NormSpec s, c10::ScalarType out_dtype) {
+LaunchCheck launch_check_impl(const std::vector<Tensor>& tensors, NormSpec s, c10::ScalarType out_dtype) {
   const int64_t n = static_cast<int64_t>(tensors.size());
   const Tables tables = build_tables(entries_of(tensors, /*by_dtype=*/true), kNumGroups);
   const TableView view = table_view(tables.buffer.data(), n, tables.n_chunks);
@@ -52,7 +51,7 @@ LaunchCheck launch_check_impl(const std::vector<at::Tensor>& tensors, NormSpec s
   // a partial and of a tensor sum is counted.
   const Coverage partial_reads({tables.n_chunks});
   const Coverage sum_reads({n});
-  at::Tensor per = at::empty({n}, at::TensorOptions().dtype(out_dtype));
+  Tensor per = empty({n}, Options{}.dtype(out_dtype));
   std::vector<Out> sums(n);
   for (int64_t k = 0; k < n; ++k) {
     const Coverage tensor_reads = partial_reads.from(view.first_chunk[k]);
@@ -62,7 +61,7 @@ LaunchCheck launch_check_impl(const std::vector<at::Tensor>& tensors, NormSpec s
           return tensor_finish_thread<Out>(view, partials.data(), k, tid, kThreads, s);
         },
         NormCombine{s});
-    per.data_ptr<Out>()[k] = norm_finish(sums[k], s);
+    per.mutable_data_ptr<Out>()[k] = norm_finish(sums[k], s);
   }
   const Out combined = emulate_block<kThreads, Out>(
       [&](int tid) {
@@ -70,18 +69,18 @@ LaunchCheck launch_check_impl(const std::vector<at::Tensor>& tensors, NormSpec s
         return total_finish_thread<Out>(sums.data(), n, tid, kThreads, s);
       },
       NormCombine{s});
-  at::Tensor total = at::empty({}, at::TensorOptions().dtype(out_dtype));
-  total.data_ptr<Out>()[0] = norm_finish(combined, s);
+  Tensor total = empty({}, Options{}.dtype(out_dtype));
+  total.mutable_data_ptr<Out>()[0] = norm_finish(combined, s);
   return {visits.counts(), partial_reads.counts(), sum_reads.counts(), per, total};
 }
 
-LaunchCheck cuda_launch_check(at::TensorList tensors, double norm_type) {
+LaunchCheck cuda_launch_check(const TensorList& tensors, double norm_type) {
   check_norm_type(norm_type);
-  check_grad_tensors(tensors, c10::DeviceType::CPU);
+  check_grad_tensors(tensors, DeviceType::CPU);
   const auto contig = contiguous_all(tensors);
   const NormSpec s = make_norm_spec(norm_type);
   const auto out_dtype = result_dtype(tensors);
-  if (out_dtype == c10::kDouble) return launch_check_impl<double>(contig, s, out_dtype);
+  if (out_dtype == ScalarType::Double) return launch_check_impl<double>(contig, s, out_dtype);
   return launch_check_impl<float>(contig, s, out_dtype);
 }
 
@@ -89,7 +88,7 @@ LaunchCheck cuda_launch_check(at::TensorList tensors, double norm_type) {
 // launch the CUDA host code would choose. Returns (times each element was visited, times
 // the finish read each chunk's partial, times it read each tensor's sum, per-tensor norms,
 // total norm).
-GANOPS_LAUNCH_CHECK_OP("_multi_tensor_norm_cuda_launch_check(Tensor[] tensors, float norm_type) "
+GANOPS_LAUNCH_CHECK_OP("_multi_tensor_norm_cuda_launch_check", "(Tensor[] tensors, float norm_type) "
                        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 

@@ -14,7 +14,6 @@
 //   backward:     ∂P/∂grads[i] = ∂P · weight / N · h'(n_i) / n_i · s² · grads[i]
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ganops/block.h>
 #include <ganops/checks.h>
 #include <ganops/common.h>
@@ -142,59 +141,59 @@ GANOPS_HD Acc finish_thread(const Acc* partials, int64_t n_samples, int64_t n_ch
 // arguments; these guard direct torch.ops calls).
 
 // t holds samples on a device of type `device`; returns its (sample, chunk) split.
-inline SampleChunks check_samples(const at::Tensor& t, std::string_view name, c10::DeviceType device) {
+inline SampleChunks check_samples(const Tensor& t, std::string_view name, DeviceType device) {
   check_float(t, name);
-  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device), " tensor here, got ",
-              t.device());
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) > 0 && t.numel() > 0, name,
-              " must have a batch dimension and at least one element per sample, got shape ", t.sizes());
+  STD_TORCH_CHECK(t.device().type() == device, name, " must be a ", device_type_text(device), " tensor here, got ",
+              device_text(t));
+  STD_TORCH_CHECK(t.dim() >= 1 && t.size(0) > 0 && t.numel() > 0, name,
+              " must have a batch dimension and at least one element per sample, got shape ", shape_text(t));
   const int64_t n = t.size(0);
   const int64_t m = t.numel() / n;
   return {n, m, ceil_div(m, kChunkSize)};
 }
 
 // The inverse loss scale, when given: one value in the accumulation dtype on grads' device.
-inline void check_inv_scale(const std::optional<at::Tensor>& inv_scale, const at::Tensor& grads) {
+inline void check_inv_scale(const std::optional<Tensor>& inv_scale, const Tensor& grads) {
   if (!inv_scale.has_value()) return;
-  const at::Tensor& s = *inv_scale;
-  TORCH_CHECK(s.numel() == 1, "inv_scale must hold one value, got shape ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == acc_dtype(grads.scalar_type()), "inv_scale must be ",
+  const Tensor& s = *inv_scale;
+  STD_TORCH_CHECK(s.numel() == 1, "inv_scale must hold one value, got shape ", shape_text(s));
+  STD_TORCH_CHECK(s.scalar_type() == acc_dtype(grads.scalar_type()), "inv_scale must be ",
               acc_dtype(grads.scalar_type()), " for ", grads.scalar_type(), " grads, got ", s.scalar_type());
   check_same_device(s, "inv_scale", grads, "grads");
 }
 
 // gradient_norm_penalty_backward's inputs besides inv_scale; returns grads' split.
-inline SampleChunks check_penalty_backward_inputs(const at::Tensor& grad_penalty, const at::Tensor& grads,
-                                                  const at::Tensor& sumsq, c10::DeviceType device) {
+inline SampleChunks check_penalty_backward_inputs(const Tensor& grad_penalty, const Tensor& grads,
+                                                  const Tensor& sumsq, DeviceType device) {
   const SampleChunks s = check_samples(grads, "grads", device);
-  TORCH_CHECK(grad_penalty.numel() == 1, "grad_penalty must hold one value, got shape ", grad_penalty.sizes());
+  STD_TORCH_CHECK(grad_penalty.numel() == 1, "grad_penalty must hold one value, got shape ", shape_text(grad_penalty));
   check_float(grad_penalty, "grad_penalty");
   check_same_device(grad_penalty, "grad_penalty", grads, "grads");
-  TORCH_CHECK(sumsq.dim() == 1 && sumsq.size(0) == s.n_samples, "sumsq must have shape (", s.n_samples,
-              ",), got ", sumsq.sizes());
-  TORCH_CHECK(sumsq.scalar_type() == acc_dtype(grads.scalar_type()), "sumsq must be ",
+  STD_TORCH_CHECK(sumsq.dim() == 1 && sumsq.size(0) == s.n_samples, "sumsq must have shape (", s.n_samples,
+              ",), got ", shape_text(sumsq));
+  STD_TORCH_CHECK(sumsq.scalar_type() == acc_dtype(grads.scalar_type()), "sumsq must be ",
               acc_dtype(grads.scalar_type()), ", got ", sumsq.scalar_type());
   check_same_device(sumsq, "sumsq", grads, "grads");
   return s;
 }
 
 // interpolate's inputs: real and fake alike, alpha one value per sample. Returns real's split.
-inline SampleChunks check_interpolate_inputs(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha,
-                                             c10::DeviceType device) {
+inline SampleChunks check_interpolate_inputs(const Tensor& real, const Tensor& fake, const Tensor& alpha,
+                                             DeviceType device) {
   const SampleChunks s = check_samples(real, "real", device);
   check_like(real, "real", fake, "fake");
-  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
-              ",), got ", alpha.sizes());
-  TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
+  STD_TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == real.size(0), "alpha must have shape (", real.size(0),
+              ",), got ", shape_text(alpha));
+  STD_TORCH_CHECK(alpha.scalar_type() == real.scalar_type(), "alpha must have real's dtype ", real.scalar_type(),
               ", got ", alpha.scalar_type());
   check_same_device(alpha, "alpha", real, "real");
   return s;
 }
 
 // interpolate_backward's inputs: interpolate's, and grad like real.
-inline SampleChunks check_interpolate_backward_inputs(const at::Tensor& grad, const at::Tensor& real,
-                                                      const at::Tensor& fake, const at::Tensor& alpha,
-                                                      c10::DeviceType device) {
+inline SampleChunks check_interpolate_backward_inputs(const Tensor& grad, const Tensor& real,
+                                                      const Tensor& fake, const Tensor& alpha,
+                                                      DeviceType device) {
   const SampleChunks s = check_interpolate_inputs(real, fake, alpha, device);
   check_like(grad, "grad", real, "real");
   return s;

@@ -1,12 +1,8 @@
 // CPU kernels of the gradient penalty's fused pieces.
 //
-// Work is split into the (sample, chunk) tasks of gradient_penalty.h; at::parallel_for hands
+// Work is split into the (sample, chunk) tasks of gradient_penalty.h; torch::stable::parallel_for hands
 // tasks to threads, each reduction's partial lands in its task's slot and a sample's slots
 // are combined in chunk order, so results are bit-identical whatever the thread count.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
@@ -27,28 +23,28 @@ constexpr int64_t kMinElementsPerThread = 32768;
 template <typename F>
 void for_each_task(const SampleChunks& s, F&& task) {
   const int64_t per_task = s.sample_numel < kChunkSize ? s.sample_numel : kChunkSize;
-  at::parallel_for(0, s.total_chunks(), ceil_div(kMinElementsPerThread, per_task), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, s.total_chunks(), ceil_div(kMinElementsPerThread, per_task), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) task(b);
   });
 }
 
 // The inverse loss scale as a host value (a CPU tensor: reading it costs no synchronisation).
 template <typename Acc>
-Acc inv_scale_value(const std::optional<at::Tensor>& inv_scale, const at::Tensor& grads) {
+Acc inv_scale_value(const std::optional<Tensor>& inv_scale, const Tensor& grads) {
   check_inv_scale(inv_scale, grads);
-  return inv_scale.has_value() ? inv_scale->contiguous().const_data_ptr<Acc>()[0] : Acc(1);
+  return inv_scale.has_value() ? contiguous(*inv_scale).const_data_ptr<Acc>()[0] : Acc(1);
 }
 
-at::Tensor interpolate_cpu(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
-  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, c10::DeviceType::CPU);
-  const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
-  at::Tensor out = at::empty_like(r);
+Tensor interpolate_cpu(const Tensor& real, const Tensor& fake, const Tensor& alpha) {
+  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, DeviceType::CPU);
+  const Tensor r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  Tensor out = empty_like(r);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for_each_task(s, [&](int64_t t) {
       const Acc w = Acc(ap[s.sample(t)]);
       const int64_t o = s.offset(t), n = s.length(t);
@@ -59,24 +55,24 @@ at::Tensor interpolate_cpu(const at::Tensor& real, const at::Tensor& fake, const
 }
 GANOPS_KERNEL(CPU, "interpolate", interpolate_cpu)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cpu(const at::Tensor& grad,
-                                                                         const at::Tensor& real,
-                                                                         const at::Tensor& fake,
-                                                                         const at::Tensor& alpha, bool need_real,
+std::tuple<Tensor, Tensor, Tensor> interpolate_backward_cpu(const Tensor& grad,
+                                                                         const Tensor& real,
+                                                                         const Tensor& fake,
+                                                                         const Tensor& alpha, bool need_real,
                                                                          bool need_fake, bool need_alpha) {
-  const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, c10::DeviceType::CPU);
-  const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
-  at::Tensor grad_real = need_real ? at::empty_like(g) : g.new_empty({0});
-  at::Tensor grad_fake = need_fake ? at::empty_like(g) : g.new_empty({0});
-  at::Tensor grad_alpha = a.new_empty({need_alpha ? a.size(0) : 0});
+  const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, DeviceType::CPU);
+  const Tensor g = contiguous(grad), r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  Tensor grad_real = need_real ? empty_like(g) : empty({0}, g);
+  Tensor grad_fake = need_fake ? empty_like(g) : empty({0}, g);
+  Tensor grad_alpha = empty({need_alpha ? a.size(0) : 0}, a);
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    scalar_t* grp = need_real ? grad_real.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gfp = need_fake ? grad_fake.data_ptr<scalar_t>() : nullptr;
+    scalar_t* grp = need_real ? grad_real.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gfp = need_fake ? grad_fake.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<Acc> partials(need_alpha ? s.total_chunks() : 0);
     for_each_task(s, [&](int64_t t) {
       const Acc w = Acc(ap[s.sample(t)]);
@@ -93,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cpu(const at
       }
     });
     if (need_alpha) {
-      scalar_t* gap = grad_alpha.data_ptr<scalar_t>();
+      scalar_t* gap = grad_alpha.mutable_data_ptr<scalar_t>();
       for (int64_t i = 0; i < s.n_samples; ++i) {
         gap[i] = static_cast<scalar_t>(combine_chunks(partials.data() + i * s.n_chunks, s.n_chunks));
       }
@@ -103,13 +99,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cpu(const at
 }
 GANOPS_KERNEL(CPU, "interpolate_backward", interpolate_backward_cpu)
 
-std::tuple<at::Tensor, at::Tensor> gradient_norm_penalty_cpu(const at::Tensor& grads,
-                                                             const std::optional<at::Tensor>& inv_scale,
+std::tuple<Tensor, Tensor> gradient_norm_penalty_cpu(const Tensor& grads,
+                                                             const std::optional<Tensor>& inv_scale,
                                                              double center, bool one_sided, double weight) {
-  const SampleChunks s = check_samples(grads, "grads", c10::DeviceType::CPU);
-  const at::Tensor g = grads.contiguous();
-  at::Tensor sumsq = at::empty({s.n_samples}, g.options().dtype(acc_dtype(g.scalar_type())));
-  at::Tensor penalty = at::empty({}, g.options());
+  const SampleChunks s = check_samples(grads, "grads", DeviceType::CPU);
+  const Tensor g = contiguous(grads);
+  Tensor sumsq = empty({s.n_samples}, options(g).dtype(acc_dtype(g.scalar_type())));
+  Tensor penalty = empty({}, options(g));
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const Acc scale = inv_scale_value<Acc>(inv_scale, g);
@@ -121,23 +117,23 @@ std::tuple<at::Tensor, at::Tensor> gradient_norm_penalty_cpu(const at::Tensor& g
     });
     // One "thread" over all samples: every sample's chunks in order, then the samples in order.
     const Acc total = finish_thread<Acc>(partials.data(), s.n_samples, s.n_chunks, 0, 1, Acc(center), one_sided,
-                                         sumsq.data_ptr<Acc>());
-    penalty.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(penalty_value(total, Acc(weight), s.n_samples));
+                                         sumsq.mutable_data_ptr<Acc>());
+    penalty.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(penalty_value(total, Acc(weight), s.n_samples));
   });
   return {penalty, sumsq};
 }
 GANOPS_KERNEL(CPU, "gradient_norm_penalty", gradient_norm_penalty_cpu)
 
-at::Tensor gradient_norm_penalty_backward_cpu(const at::Tensor& grad_penalty, const at::Tensor& grads,
-                                              const at::Tensor& sumsq, const std::optional<at::Tensor>& inv_scale,
+Tensor gradient_norm_penalty_backward_cpu(const Tensor& grad_penalty, const Tensor& grads,
+                                              const Tensor& sumsq, const std::optional<Tensor>& inv_scale,
                                               double center, bool one_sided, double weight) {
-  const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, c10::DeviceType::CPU);
-  const at::Tensor g = grads.contiguous();
-  const at::Tensor ss = sumsq.contiguous();
-  at::Tensor out = at::empty_like(g);
+  const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, DeviceType::CPU);
+  const Tensor g = contiguous(grads);
+  const Tensor ss = contiguous(sumsq);
+  Tensor out = empty_like(g);
   double go = 0;
   GANOPS_DISPATCH_FLOATING_TYPES(grad_penalty.scalar_type(), "grad_penalty_value", [&] {
-    go = static_cast<double>(grad_penalty.contiguous().const_data_ptr<scalar_t>()[0]);
+    go = static_cast<double>(contiguous(grad_penalty).const_data_ptr<scalar_t>()[0]);
   });
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
@@ -148,7 +144,7 @@ at::Tensor gradient_norm_penalty_backward_cpu(const at::Tensor& grad_penalty, co
       factor[i] = penalty_grad_scale(Acc(go), ssp[i], scale, Acc(center), one_sided, Acc(weight), s.n_samples);
     }
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for_each_task(s, [&](int64_t t) {
       const Acc k = factor[s.sample(t)];
       const int64_t o = s.offset(t), n = s.length(t);

@@ -5,14 +5,9 @@
 // block and a finishing kernel combines each sample's partials in chunk order: deterministic,
 // and the penalty, its backward factor and the inverse loss scale stay in device memory, so
 // nothing waits on the host.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <ganops/checks.h>
+#include <ganops/cuda.h>
 #include <ganops/dispatch.h>
 #include <ganops/grid.h>
 #include <ganops/registration.h>
@@ -119,109 +114,109 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The inverse scale on the device, or an undefined tensor without one.
-at::Tensor inv_scale_tensor(const std::optional<at::Tensor>& inv_scale, const at::Tensor& grads) {
+Tensor inv_scale_tensor(const std::optional<Tensor>& inv_scale, const Tensor& grads) {
   check_inv_scale(inv_scale, grads);
-  return inv_scale.has_value() ? inv_scale->contiguous() : at::Tensor();
+  return inv_scale.has_value() ? contiguous(*inv_scale) : Tensor();
 }
 
-at::Tensor interpolate_cuda(const at::Tensor& real, const at::Tensor& fake, const at::Tensor& alpha) {
-  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, c10::DeviceType::CUDA);
+Tensor interpolate_cuda(const Tensor& real, const Tensor& fake, const Tensor& alpha) {
+  const SampleChunks s = check_interpolate_inputs(real, fake, alpha, DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "interpolate");
-  c10::cuda::CUDAGuard guard(real.device());
-  const at::Tensor r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
-  at::Tensor out = at::empty_like(r);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  CudaDeviceGuard guard(real);
+  const Tensor r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  Tensor out = empty_like(r);
+  const cudaStream_t stream = current_stream(real);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cuda", [&] {
     interpolate_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        out.mutable_data_ptr<scalar_t>(), s);
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 GANOPS_KERNEL(CUDA, "interpolate", interpolate_cuda)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> interpolate_backward_cuda(const at::Tensor& grad,
-                                                                          const at::Tensor& real,
-                                                                          const at::Tensor& fake,
-                                                                          const at::Tensor& alpha, bool need_real,
+std::tuple<Tensor, Tensor, Tensor> interpolate_backward_cuda(const Tensor& grad,
+                                                                          const Tensor& real,
+                                                                          const Tensor& fake,
+                                                                          const Tensor& alpha, bool need_real,
                                                                           bool need_fake, bool need_alpha) {
-  const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, c10::DeviceType::CUDA);
+  const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "interpolate_backward");
-  c10::cuda::CUDAGuard guard(real.device());
-  const at::Tensor g = grad.contiguous(), r = real.contiguous(), f = fake.contiguous(), a = alpha.contiguous();
-  at::Tensor grad_real = need_real ? at::empty_like(g) : g.new_empty({0});
-  at::Tensor grad_fake = need_fake ? at::empty_like(g) : g.new_empty({0});
-  at::Tensor grad_alpha = a.new_empty({need_alpha ? s.n_samples : 0});
-  at::Tensor partials = g.new_empty({need_alpha ? s.total_chunks() : 0}, g.options().dtype(acc_dtype(g.scalar_type())));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  CudaDeviceGuard guard(real);
+  const Tensor g = contiguous(grad), r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  Tensor grad_real = need_real ? empty_like(g) : empty({0}, g);
+  Tensor grad_fake = need_fake ? empty_like(g) : empty({0}, g);
+  Tensor grad_alpha = empty({need_alpha ? s.n_samples : 0}, a);
+  Tensor partials = empty({need_alpha ? s.total_chunks() : 0}, options(g).dtype(acc_dtype(g.scalar_type())));
+  const cudaStream_t stream = current_stream(real);
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     interpolate_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
-        a.const_data_ptr<scalar_t>(), need_real ? grad_real.data_ptr<scalar_t>() : nullptr,
-        need_fake ? grad_fake.data_ptr<scalar_t>() : nullptr, need_alpha ? partials.data_ptr<Acc>() : nullptr,
+        a.const_data_ptr<scalar_t>(), need_real ? grad_real.mutable_data_ptr<scalar_t>() : nullptr,
+        need_fake ? grad_fake.mutable_data_ptr<scalar_t>() : nullptr, need_alpha ? partials.mutable_data_ptr<Acc>() : nullptr,
         s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GANOPS_CUDA_LAUNCH_CHECK();
     if (need_alpha) {
       alpha_finish_kernel<scalar_t><<<ceil_div(s.n_samples, kThreads), kThreads, 0, stream>>>(
-          partials.const_data_ptr<Acc>(), s.n_samples, s.n_chunks, grad_alpha.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          partials.const_data_ptr<Acc>(), s.n_samples, s.n_chunks, grad_alpha.mutable_data_ptr<scalar_t>());
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
   });
   return {grad_real, grad_fake, grad_alpha};
 }
 GANOPS_KERNEL(CUDA, "interpolate_backward", interpolate_backward_cuda)
 
-std::tuple<at::Tensor, at::Tensor> gradient_norm_penalty_cuda(const at::Tensor& grads,
-                                                              const std::optional<at::Tensor>& inv_scale,
+std::tuple<Tensor, Tensor> gradient_norm_penalty_cuda(const Tensor& grads,
+                                                              const std::optional<Tensor>& inv_scale,
                                                               double center, bool one_sided, double weight) {
-  const SampleChunks s = check_samples(grads, "grads", c10::DeviceType::CUDA);
+  const SampleChunks s = check_samples(grads, "grads", DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "gradient_norm_penalty");
-  c10::cuda::CUDAGuard guard(grads.device());
-  const at::Tensor g = grads.contiguous();
-  const at::Tensor scale = inv_scale_tensor(inv_scale, g);
-  const auto acc_opts = g.options().dtype(acc_dtype(g.scalar_type()));
-  at::Tensor partials = at::empty({s.total_chunks()}, acc_opts);
-  at::Tensor sumsq = at::empty({s.n_samples}, acc_opts);
-  at::Tensor penalty = at::empty({}, g.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  CudaDeviceGuard guard(grads);
+  const Tensor g = contiguous(grads);
+  const Tensor scale = inv_scale_tensor(inv_scale, g);
+  const auto acc_opts = options(g).dtype(acc_dtype(g.scalar_type()));
+  Tensor partials = empty({s.total_chunks()}, acc_opts);
+  Tensor sumsq = empty({s.n_samples}, acc_opts);
+  Tensor penalty = empty({}, options(g));
+  const cudaStream_t stream = current_stream(grads);
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     sumsq_partial_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), scale.defined() ? scale.const_data_ptr<Acc>() : nullptr,
-        partials.data_ptr<Acc>(), s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        partials.mutable_data_ptr<Acc>(), s);
+    GANOPS_CUDA_LAUNCH_CHECK();
     penalty_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<Acc>(), s.n_samples,
                                                                  s.n_chunks, center, one_sided, weight,
-                                                                 sumsq.data_ptr<Acc>(), penalty.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                 sumsq.mutable_data_ptr<Acc>(), penalty.mutable_data_ptr<scalar_t>());
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return {penalty, sumsq};
 }
 GANOPS_KERNEL(CUDA, "gradient_norm_penalty", gradient_norm_penalty_cuda)
 
-at::Tensor gradient_norm_penalty_backward_cuda(const at::Tensor& grad_penalty, const at::Tensor& grads,
-                                               const at::Tensor& sumsq, const std::optional<at::Tensor>& inv_scale,
+Tensor gradient_norm_penalty_backward_cuda(const Tensor& grad_penalty, const Tensor& grads,
+                                               const Tensor& sumsq, const std::optional<Tensor>& inv_scale,
                                                double center, bool one_sided, double weight) {
-  const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, c10::DeviceType::CUDA);
+  const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "gradient_norm_penalty_backward");
-  c10::cuda::CUDAGuard guard(grads.device());
-  const at::Tensor g = grads.contiguous();
-  const at::Tensor ss = sumsq.contiguous();
+  CudaDeviceGuard guard(grads);
+  const Tensor g = contiguous(grads);
+  const Tensor ss = contiguous(sumsq);
   // In the accumulation dtype, as the CPU and Triton kernels read it: rounding a float32
   // ∂loss/∂penalty to half first would change the gradient.
-  const at::Tensor go = grad_penalty.to(acc_dtype(g.scalar_type())).contiguous();
-  const at::Tensor scale = inv_scale_tensor(inv_scale, g);
-  at::Tensor out = at::empty_like(g);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor go = contiguous(to_dtype(grad_penalty, acc_dtype(g.scalar_type())));
+  const Tensor scale = inv_scale_tensor(inv_scale, g);
+  Tensor out = empty_like(g);
+  const cudaStream_t stream = current_stream(grads);
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     penalty_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         go.const_data_ptr<Acc>(), g.const_data_ptr<scalar_t>(), ss.const_data_ptr<Acc>(),
-        scale.defined() ? scale.const_data_ptr<Acc>() : nullptr, center, one_sided, weight, out.data_ptr<scalar_t>(),
+        scale.defined() ? scale.const_data_ptr<Acc>() : nullptr, center, one_sided, weight, out.mutable_data_ptr<scalar_t>(),
         s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return out;
 }

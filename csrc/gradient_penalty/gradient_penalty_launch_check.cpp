@@ -1,9 +1,8 @@
 // The CUDA launches of gradient_penalty_cuda.cu run on the CPU, block by block and thread by
 // thread (ganops/launch_emulation.h): the penalty's partial and finishing kernels, and the
 // per-sample Σ grads · (real − fake) of interpolate's backward. A test op for CPU tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
+#include <ganops/tensor.h>
 #include <ganops/dispatch.h>
 #include <ganops/grid.h>
 #include <ganops/launch_emulation.h>
@@ -16,10 +15,10 @@
 namespace ganops::gradient_penalty {
 namespace {
 
-using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LaunchCheck = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 template <typename T>
-LaunchCheck launch_check_impl(const at::Tensor& g, const at::Tensor& r, const at::Tensor& f, const SampleChunks& s,
+LaunchCheck launch_check_impl(const Tensor& g, const Tensor& r, const Tensor& f, const SampleChunks& s,
                               double center, bool one_sided, double weight) {
   using Acc = acc_t<T>;
   const Coverage visits({g.numel()});
@@ -45,32 +44,32 @@ LaunchCheck launch_check_impl(const at::Tensor& g, const at::Tensor& r, const at
   }
 
   // penalty_finish_kernel: one block.
-  at::Tensor sumsq = at::empty({s.n_samples}, g.options().dtype(acc_dtype(g.scalar_type())));
+  Tensor sumsq = empty({s.n_samples}, options(g).dtype(acc_dtype(g.scalar_type())));
   const Acc total = emulate_block<kThreads, Acc>([&](int tid) {
     return finish_thread<Acc>(sq_partials.data(), s.n_samples, s.n_chunks, tid, kThreads, Acc(center), one_sided,
-                              sumsq.data_ptr<Acc>());
+                              sumsq.mutable_data_ptr<Acc>());
   });
-  at::Tensor penalty = at::empty({}, g.options());
-  penalty.data_ptr<T>()[0] = static_cast<T>(penalty_value(total, Acc(weight), s.n_samples));
+  Tensor penalty = empty({}, options(g));
+  penalty.mutable_data_ptr<T>()[0] = static_cast<T>(penalty_value(total, Acc(weight), s.n_samples));
 
   // alpha_finish_kernel: a thread per sample.
-  at::Tensor grad_alpha = at::empty({s.n_samples}, g.options());
+  Tensor grad_alpha = empty({s.n_samples}, options(g));
   for (int64_t i = 0; i < s.n_samples; ++i) {
-    grad_alpha.data_ptr<T>()[i] = static_cast<T>(combine_chunks(alpha_partials.data() + i * s.n_chunks, s.n_chunks));
+    grad_alpha.mutable_data_ptr<T>()[i] = static_cast<T>(combine_chunks(alpha_partials.data() + i * s.n_chunks, s.n_chunks));
   }
   return {visits.counts(), sumsq, penalty, grad_alpha};
 }
 
-LaunchCheck cuda_launch_check(const at::Tensor& grads, const at::Tensor& real, const at::Tensor& fake,
+LaunchCheck cuda_launch_check(const Tensor& grads, const Tensor& real, const Tensor& fake,
                               double center, bool one_sided, double weight) {
-  const SampleChunks s = check_samples(grads, "grads", c10::DeviceType::CPU);
+  const SampleChunks s = check_samples(grads, "grads", DeviceType::CPU);
   check_like(grads, "grads", real, "real");
   check_like(grads, "grads", fake, "fake");
   // The CUDA host code's check, before anything is made contiguous: a test passes an
   // expanded tensor too large to exist.
   grid_x(s.total_chunks(), "gradient_norm_penalty");
   return GANOPS_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_penalty_launch_check", [&] {
-    return launch_check_impl<scalar_t>(grads.contiguous(), real.contiguous(), fake.contiguous(), s, center,
+    return launch_check_impl<scalar_t>(contiguous(grads), contiguous(real), contiguous(fake), s, center,
                                        one_sided, weight);
   });
 }
@@ -78,7 +77,7 @@ LaunchCheck cuda_launch_check(const at::Tensor& grads, const at::Tensor& real, c
 // Runs the CUDA kernels' per-thread functions for every block and thread of the launches
 // the CUDA host code would choose. Returns (times each element was visited, per-sample
 // sum of squares, penalty, per-sample Σ grads * (real - fake)).
-GANOPS_LAUNCH_CHECK_OP("_gradient_penalty_cuda_launch_check(Tensor grads, Tensor real, Tensor fake, float center, "
+GANOPS_LAUNCH_CHECK_OP("_gradient_penalty_cuda_launch_check", "(Tensor grads, Tensor real, Tensor fake, float center, "
                        "bool one_sided, float weight) -> (Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 

@@ -20,7 +20,6 @@
 // O(N·B·C): neither the N×N×B×C differences nor the N×N×B similarities exist.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ganops/checks.h>
 #include <ganops/common.h>
 
@@ -148,17 +147,17 @@ GANOPS_HD Acc similarity_double_backward_row(const T* h, const T* grad, const T*
 
 // Host-side checks shared by the CPU and CUDA entry points (Python checks first, naming the
 // caller's arguments; these guard direct torch.ops calls).
-inline void check_M(const at::Tensor& M, c10::DeviceType device) {
+inline void check_M(const Tensor& M, DeviceType device) {
   check_dim(M, 3, "M");
   check_float(M, "M");
-  TORCH_CHECK(M.device().type() == device, "M must be a ", c10::DeviceTypeName(device, true),
-              " tensor here, got ", M.device());
-  TORCH_CHECK(M.size(0) > 0, "M must hold at least one sample (N = M.size(0) >= 1), got shape ", M.sizes());
+  STD_TORCH_CHECK(M.device().type() == device, "M must be a ", device_type_text(device, true),
+              " tensor here, got ", device_text(M));
+  STD_TORCH_CHECK(M.size(0) > 0, "M must hold at least one sample (N = M.size(0) >= 1), got shape ", shape_text(M));
 }
 
-inline void check_like(const at::Tensor& x, std::string_view name, const at::Tensor& M, at::IntArrayRef sizes) {
-  TORCH_CHECK(x.sizes() == sizes, name, " must have shape ", sizes, ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == M.scalar_type(), name, " must have M's dtype ", M.scalar_type(), ", got ",
+inline void check_like(const Tensor& x, std::string_view name, const Tensor& M, IntArrayRef sizes) {
+  STD_TORCH_CHECK(x.sizes() == sizes, name, " must have shape ", shape_text(sizes), ", got ", shape_text(x));
+  STD_TORCH_CHECK(x.scalar_type() == M.scalar_type(), name, " must have M's dtype ", M.scalar_type(), ", got ",
               x.scalar_type());
   check_same_device(x, name, M, "M");
 }

@@ -19,9 +19,6 @@
 // entry points, templates defined there, are compiled under it too.
 #pragma GCC optimize("fp-contract=off")
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
@@ -106,7 +103,7 @@ template <typename T, typename Acc>
 std::vector<Acc> pack(const T* x, int64_t N, int64_t B, int64_t C, int64_t sn, int64_t sb, int64_t sc) {
   const int64_t tiles = ceil_div(B, kLanes);
   std::vector<Acc> out(static_cast<size_t>(tiles * N * C * kLanes), Acc(0));
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t b = 0; b < B; ++b) {
         Acc* dst = out.data() + ((b / kLanes) * N + n) * C * kLanes + b % kLanes;
@@ -118,7 +115,7 @@ std::vector<Acc> pack(const T* x, int64_t N, int64_t B, int64_t C, int64_t sn, i
 }
 
 template <typename T, typename Acc>
-std::vector<Acc> pack(const at::Tensor& X) {
+std::vector<Acc> pack(const Tensor& X) {
   if (X.dim() == 2) {
     return pack<T, Acc>(X.const_data_ptr<T>(), X.size(0), X.size(1), 1, X.stride(0), X.stride(1), 0);
   }
@@ -128,11 +125,11 @@ std::vector<Acc> pack(const at::Tensor& X) {
 
 // The inverse of pack into a new contiguous tensor of sizes (N, B) or (N, B, C) and dtype T.
 template <typename T, typename Acc>
-at::Tensor unpack(const Acc* P, at::IntArrayRef sizes, at::TensorOptions options) {
-  at::Tensor out = at::empty(sizes, options);
+Tensor unpack(const Acc* P, IntArrayRef sizes, const Options& options) {
+  Tensor out = empty(sizes, options);
   const int64_t N = sizes[0], B = sizes[1], C = sizes.size() == 3 ? sizes[2] : 1;
-  T* y = out.data_ptr<T>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  T* y = out.mutable_data_ptr<T>();
+  torch::stable::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t b = 0; b < B; ++b) {
         const Acc* src = P + ((b / kLanes) * N + n) * C * kLanes + b % kLanes;
@@ -270,7 +267,7 @@ inline void run_task(const Args<Acc>& a, const Blocking& bl, int64_t p, int64_t 
 // Sums the parts of x (parts × size) into the first, in part order.
 template <typename Acc>
 void sum_parts(Acc* x, int64_t parts, int64_t size) {
-  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = 1; p < parts; ++p) {
       const Acc* src = x + p * size;
       for (int64_t e = begin; e < end; ++e) x[e] += src[e];
@@ -281,7 +278,7 @@ void sum_parts(Acc* x, int64_t parts, int64_t size) {
 // Runs every task, then leaves the totals in the first part of a.row and a.dM.
 template <Mode mode, typename Acc>
 void run(const Args<Acc>& a, const Blocking& bl) {
-  at::parallel_for(0, bl.parts * a.tiles, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, bl.parts * a.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       // One row of a tile is one 512-bit vector of float.
       run_for_best_isa<Isa::kAvx512, Isa::kAvx2>([&] { run_task<mode, Acc>(a, bl, task / a.tiles, task % a.tiles); });
@@ -298,25 +295,25 @@ struct Problem {
   Blocking bl;
 };
 
-Problem problem_of(const at::Tensor& M) {
-  check_M(M, c10::DeviceType::CPU);
+Problem problem_of(const Tensor& M) {
+  check_M(M, DeviceType::CPU);
   const int64_t N = M.size(0), B = M.size(1), C = M.size(2);
   return {N, B, C, ceil_div(B, kLanes), blocking(N)};
 }
 
-at::Tensor minibatch_discrimination_cpu(const at::Tensor& M, bool exclude_self) {
+Tensor minibatch_discrimination_cpu(const Tensor& M, bool exclude_self) {
   const Problem p = problem_of(M);
   return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
     std::vector<Acc> o(static_cast<size_t>(p.bl.parts * p.tiles * p.N * kLanes));
     run<Mode::kForward, Acc>({Mp.data(), nullptr, nullptr, o.data(), nullptr, p.N, p.C, p.tiles, exclude_self}, p.bl);
-    return unpack<scalar_t, Acc>(o.data(), {p.N, p.B}, M.options());
+    return unpack<scalar_t, Acc>(o.data(), {p.N, p.B}, options(M));
   });
 }
 GANOPS_KERNEL(CPU, "minibatch_discrimination", minibatch_discrimination_cpu)
 
-at::Tensor minibatch_discrimination_backward_cpu(const at::Tensor& grad, const at::Tensor& M) {
+Tensor minibatch_discrimination_backward_cpu(const Tensor& grad, const Tensor& M) {
   const Problem p = problem_of(M);
   check_like(grad, "grad", M, {p.N, p.B});
   return GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_backward_cpu", [&] {
@@ -325,17 +322,17 @@ at::Tensor minibatch_discrimination_backward_cpu(const at::Tensor& grad, const a
     const std::vector<Acc> gp = pack<scalar_t, Acc>(grad);
     std::vector<Acc> dM(static_cast<size_t>(p.bl.parts) * Mp.size());
     run<Mode::kBackward, Acc>({Mp.data(), gp.data(), nullptr, nullptr, dM.data(), p.N, p.C, p.tiles, false}, p.bl);
-    return unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
+    return unpack<scalar_t, Acc>(dM.data(), M.sizes(), options(M));
   });
 }
 GANOPS_KERNEL(CPU, "minibatch_discrimination_backward", minibatch_discrimination_backward_cpu)
 
-std::tuple<at::Tensor, at::Tensor> minibatch_discrimination_double_backward_cpu(const at::Tensor& grad_grad_M,
-                                                                  const at::Tensor& grad, const at::Tensor& M) {
+std::tuple<Tensor, Tensor> minibatch_discrimination_double_backward_cpu(const Tensor& grad_grad_M,
+                                                                  const Tensor& grad, const Tensor& M) {
   const Problem p = problem_of(M);
   check_like(grad, "grad", M, {p.N, p.B});
   check_like(grad_grad_M, "grad_grad_M", M, M.sizes());
-  at::Tensor d_grad, d_M;
+  Tensor d_grad, d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_double_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const std::vector<Acc> Mp = pack<scalar_t, Acc>(M);
@@ -345,8 +342,8 @@ std::tuple<at::Tensor, at::Tensor> minibatch_discrimination_double_backward_cpu(
     std::vector<Acc> dM(static_cast<size_t>(p.bl.parts) * Mp.size());
     run<Mode::kDoubleBackward, Acc>(
         {Mp.data(), gp.data(), hp.data(), dg.data(), dM.data(), p.N, p.C, p.tiles, false}, p.bl);
-    d_grad = unpack<scalar_t, Acc>(dg.data(), grad.sizes(), M.options());
-    d_M = unpack<scalar_t, Acc>(dM.data(), M.sizes(), M.options());
+    d_grad = unpack<scalar_t, Acc>(dg.data(), grad.sizes(), options(M));
+    d_M = unpack<scalar_t, Acc>(dM.data(), M.sizes(), options(M));
   });
   return {d_grad, d_M};
 }

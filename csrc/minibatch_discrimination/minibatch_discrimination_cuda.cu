@@ -5,14 +5,9 @@
 // so the sums are deterministic and nothing of size N×N is ever stored. The backward passes
 // accumulate their C-vectors in a zeroed buffer of the accumulation type (float for half
 // types), cast to M's dtype at the end. Indices are 64-bit.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <ganops/checks.h>
+#include <ganops/cuda.h>
 #include <ganops/dispatch.h>
 #include <ganops/grid.h>
 #include <ganops/registration.h>
@@ -48,67 +43,67 @@ __global__ void __launch_bounds__(kThreads)
   d_grad[row] = static_cast<T>(similarity_double_backward_row<T, Acc>(h, grad, M, N, B, C, r.i, r.b, d_M + row * C));
 }
 
-at::Tensor minibatch_discrimination_cuda(const at::Tensor& M_in, bool exclude_self) {
-  check_M(M_in, c10::DeviceType::CUDA);
+Tensor minibatch_discrimination_cuda(const Tensor& M_in, bool exclude_self) {
+  check_M(M_in, DeviceType::CUDA);
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination");
-  c10::cuda::CUDAGuard guard(M_in.device());
-  const at::Tensor M = M_in.contiguous();
-  at::Tensor out = at::empty({N, B}, M.options());
+  CudaDeviceGuard guard(M_in);
+  const Tensor M = contiguous(M_in);
+  Tensor out = empty({N, B}, options(M));
   if (N * B == 0) return out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_cuda", [&] {
-    similarity_kernel<scalar_t, acc_t<scalar_t>><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        M.const_data_ptr<scalar_t>(), N, B, C, exclude_self, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    similarity_kernel<scalar_t, acc_t<scalar_t>><<<blocks, kThreads, 0, current_stream(M_in)>>>(
+        M.const_data_ptr<scalar_t>(), N, B, C, exclude_self, out.mutable_data_ptr<scalar_t>());
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 GANOPS_KERNEL(CUDA, "minibatch_discrimination", minibatch_discrimination_cuda)
 
-at::Tensor minibatch_discrimination_backward_cuda(const at::Tensor& grad_in, const at::Tensor& M_in) {
-  check_M(M_in, c10::DeviceType::CUDA);
+Tensor minibatch_discrimination_backward_cuda(const Tensor& grad_in, const Tensor& M_in) {
+  check_M(M_in, DeviceType::CUDA);
   check_like(grad_in, "grad", M_in, {M_in.size(0), M_in.size(1)});
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination_backward");
-  c10::cuda::CUDAGuard guard(M_in.device());
-  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor out;
+  CudaDeviceGuard guard(M_in);
+  const Tensor M = contiguous(M_in), grad = contiguous(grad_in);
+  Tensor out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    at::Tensor dM = at::zeros({N, B, C}, M.options().dtype(acc_dtype(M.scalar_type())));
+    Tensor dM = zeros({N, B, C}, options(M).dtype(acc_dtype(M.scalar_type())));
     if (N * B > 0) {
-      similarity_backward_kernel<scalar_t, Acc><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C, dM.data_ptr<Acc>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      similarity_backward_kernel<scalar_t, Acc><<<blocks, kThreads, 0, current_stream(M_in)>>>(
+          grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C, dM.mutable_data_ptr<Acc>());
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
-    out = dM.to(M.scalar_type());
+    out = to_dtype(dM, M.scalar_type());
   });
   return out;
 }
 GANOPS_KERNEL(CUDA, "minibatch_discrimination_backward", minibatch_discrimination_backward_cuda)
 
-std::tuple<at::Tensor, at::Tensor> minibatch_discrimination_double_backward_cuda(const at::Tensor& h_in, const at::Tensor& grad_in,
-                                                                   const at::Tensor& M_in) {
-  check_M(M_in, c10::DeviceType::CUDA);
+std::tuple<Tensor, Tensor> minibatch_discrimination_double_backward_cuda(const Tensor& h_in, const Tensor& grad_in,
+                                                                   const Tensor& M_in) {
+  check_M(M_in, DeviceType::CUDA);
   check_like(grad_in, "grad", M_in, {M_in.size(0), M_in.size(1)});
   check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination_double_backward");
-  c10::cuda::CUDAGuard guard(M_in.device());
-  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
-  at::Tensor d_grad = at::empty({N, B}, M.options());
-  at::Tensor d_M;
+  CudaDeviceGuard guard(M_in);
+  const Tensor M = contiguous(M_in), grad = contiguous(grad_in), h = contiguous(h_in);
+  Tensor d_grad = empty({N, B}, options(M));
+  Tensor d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_double_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
-    at::Tensor acc = at::zeros({N, B, C}, M.options().dtype(acc_dtype(M.scalar_type())));
+    Tensor acc = zeros({N, B, C}, options(M).dtype(acc_dtype(M.scalar_type())));
     if (N * B > 0) {
       similarity_double_backward_kernel<scalar_t, Acc>
-          <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<blocks, kThreads, 0, current_stream(M_in)>>>(
               h.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), M.const_data_ptr<scalar_t>(), N, B, C,
-              d_grad.data_ptr<scalar_t>(), acc.data_ptr<Acc>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+              d_grad.mutable_data_ptr<scalar_t>(), acc.mutable_data_ptr<Acc>());
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
-    d_M = acc.to(M.scalar_type());
+    d_M = to_dtype(acc, M.scalar_type());
   });
   return {d_grad, d_M};
 }

@@ -1,9 +1,8 @@
 // The CUDA launch of minibatch_discrimination_cuda.cu runs on the CPU, block by block and
 // thread by thread (ganops/launch_emulation.h), with the same row mapping and per-thread
 // functions, for the forward, the backward and the double backward: a test op for CPU tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
 
+#include <ganops/tensor.h>
 #include <ganops/dispatch.h>
 #include <ganops/grid.h>
 #include <ganops/launch_emulation.h>
@@ -15,22 +14,22 @@
 namespace ganops::minibatch_discrimination {
 namespace {
 
-using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LaunchCheck = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-LaunchCheck cuda_launch_check(const at::Tensor& M_in, const at::Tensor& grad_in, const at::Tensor& h_in,
+LaunchCheck cuda_launch_check(const Tensor& M_in, const Tensor& grad_in, const Tensor& h_in,
                               bool exclude_self) {
-  check_M(M_in, c10::DeviceType::CPU);
+  check_M(M_in, DeviceType::CPU);
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   check_like(grad_in, "grad", M_in, {N, B});
   check_like(h_in, "grad_grad_M", M_in, M_in.sizes());
   // The CUDA host code's check, before anything is made contiguous: a test passes an
   // expanded tensor too large to exist.
   grid_x(num_blocks(N, B), "minibatch_discrimination");
-  const at::Tensor M = M_in.contiguous(), grad = grad_in.contiguous(), h = h_in.contiguous();
+  const Tensor M = contiguous(M_in), grad = contiguous(grad_in), h = contiguous(h_in);
   const Coverage rows({N, B});
-  const auto acc_opts = M.options().dtype(acc_dtype(M.scalar_type()));
-  at::Tensor o = at::zeros({N, B}, acc_opts), dM = at::zeros({N, B, C}, acc_opts);
-  at::Tensor dg = at::zeros({N, B}, acc_opts), dM2 = at::zeros({N, B, C}, acc_opts);
+  const auto acc_opts = options(M).dtype(acc_dtype(M.scalar_type()));
+  Tensor o = zeros({N, B}, acc_opts), dM = zeros({N, B, C}, acc_opts);
+  Tensor dg = zeros({N, B}, acc_opts), dM2 = zeros({N, B, C}, acc_opts);
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_launch_check", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* m = M.const_data_ptr<scalar_t>();
@@ -41,21 +40,21 @@ LaunchCheck cuda_launch_check(const at::Tensor& M_in, const at::Tensor& grad_in,
         if (!r.valid) continue;
         const int64_t row = r.i * B + r.b;
         rows.visit(row);
-        o.data_ptr<Acc>()[row] = similarity_row<scalar_t, Acc>(m, N, B, C, r.i, r.b, exclude_self);
-        similarity_backward_row<scalar_t, Acc>(g, m, N, B, C, r.i, r.b, dM.data_ptr<Acc>() + row * C);
-        dg.data_ptr<Acc>()[row] = similarity_double_backward_row<scalar_t, Acc>(
-            h.const_data_ptr<scalar_t>(), g, m, N, B, C, r.i, r.b, dM2.data_ptr<Acc>() + row * C);
+        o.mutable_data_ptr<Acc>()[row] = similarity_row<scalar_t, Acc>(m, N, B, C, r.i, r.b, exclude_self);
+        similarity_backward_row<scalar_t, Acc>(g, m, N, B, C, r.i, r.b, dM.mutable_data_ptr<Acc>() + row * C);
+        dg.mutable_data_ptr<Acc>()[row] = similarity_double_backward_row<scalar_t, Acc>(
+            h.const_data_ptr<scalar_t>(), g, m, N, B, C, r.i, r.b, dM2.mutable_data_ptr<Acc>() + row * C);
       }
     }
   });
   const auto dtype = M.scalar_type();
-  return {rows.counts(), o.to(dtype), dM.to(dtype), dg.to(dtype), dM2.to(dtype)};
+  return {rows.counts(), to_dtype(o, dtype), to_dtype(dM, dtype), to_dtype(dg, dtype), to_dtype(dM2, dtype)};
 }
 
 // Runs the CUDA kernels' per-thread functions for every block and thread of the launch the
 // CUDA host code would choose. Returns (times each (i, b) row was visited, o, dM, then the
 // double backward's d/d grad and d/d M).
-GANOPS_LAUNCH_CHECK_OP("_minibatch_discrimination_cuda_launch_check(Tensor M, Tensor grad, Tensor grad_grad_M, "
+GANOPS_LAUNCH_CHECK_OP("_minibatch_discrimination_cuda_launch_check", "(Tensor M, Tensor grad, Tensor grad_grad_M, "
                        "bool exclude_self) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 

@@ -19,7 +19,6 @@
 // do not depend on the thread count or the launch. Indices are 64-bit.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ganops/block.h>
 #include <ganops/checks.h>
 #include <ganops/common.h>
@@ -224,26 +223,26 @@ GANOPS_HD void backward_thread(const T* grad, const T* x, const Acc* coefficient
 // Host side, shared by the CPU and CUDA kernels: x is a non-empty (N, C, H, W) float tensor on
 // `device`, group_size divides N and num_channels divides C (Python resolves group_size to
 // min(group_size, N) first).
-inline Layout check_input(const at::Tensor& x, int64_t group_size, int64_t num_channels, c10::DeviceType device) {
+inline Layout check_input(const Tensor& x, int64_t group_size, int64_t num_channels, DeviceType device) {
   check_float(x, "x");
-  TORCH_CHECK(x.device().type() == device, "x must be a ", device, " tensor here, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.numel() > 0, "x must have at least one element in each of N, C, H, W, got shape ", x.sizes());
-  TORCH_CHECK(group_size >= 1 && group_size <= x.size(0) && x.size(0) % group_size == 0, "group_size ", group_size,
-              " must divide the batch size N of x, shape ", x.sizes());
-  TORCH_CHECK(num_channels >= 1 && x.size(1) % num_channels == 0, "num_channels ", num_channels,
-              " must divide the channel count C of x, shape ", x.sizes());
+  STD_TORCH_CHECK(x.device().type() == device, "x must be a ", device_type_text(device, true), " tensor here, got ", device_text(x));
+  STD_TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got shape ", shape_text(x));
+  STD_TORCH_CHECK(x.numel() > 0, "x must have at least one element in each of N, C, H, W, got shape ", shape_text(x));
+  STD_TORCH_CHECK(group_size >= 1 && group_size <= x.size(0) && x.size(0) % group_size == 0, "group_size ", group_size,
+              " must divide the batch size N of x, shape ", shape_text(x));
+  STD_TORCH_CHECK(num_channels >= 1 && x.size(1) % num_channels == 0, "num_channels ", num_channels,
+              " must divide the channel count C of x, shape ", shape_text(x));
   return make_layout(x.size(0), x.size(1), x.size(2), x.size(3), group_size, num_channels);
 }
 
 // grad has the output's shape (N, C + F, H, W) and x's dtype and device.
-inline void check_grad(const at::Tensor& grad, const at::Tensor& x, int64_t num_channels) {
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) + num_channels &&
+inline void check_grad(const Tensor& grad, const Tensor& x, int64_t num_channels) {
+  STD_TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) + num_channels &&
                   grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
               "grad must have the output's shape (N, C + num_channels, H, W) = (", x.size(0), ", ",
-              x.size(1) + num_channels, ", ", x.size(2), ", ", x.size(3), "), got ", grad.sizes());
+              x.size(1) + num_channels, ", ", x.size(2), ", ", x.size(3), "), got ", shape_text(grad));
   check_float(grad, "grad");
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
+  STD_TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have x's dtype ", x.scalar_type(), ", got ",
               grad.scalar_type());
   check_same_device(grad, "grad", x, "x");
 }

@@ -15,10 +15,6 @@
 // Before the includes, so that isa.h's entry points are compiled under it too.
 #pragma GCC optimize("fp-contract=off")
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
@@ -50,7 +46,7 @@ constexpr int kTile = 32;
 template <typename F>
 void for_each_task(int64_t n, int64_t per_task, F&& task) {
   const int64_t grain = ceil_div(kMinElementsPerThread, std::max<int64_t>(per_task, 1));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     run_for_best_isa<Isa::kAvx512, Isa::kAvx2>([&] {
       for (int64_t b = begin; b < end; ++b) task(b);
     });
@@ -119,14 +115,14 @@ Acc stats_partial(const T* x, const Layout& l, int64_t b) {
   return lanes[0];
 }
 
-at::Tensor minibatch_stddev_cpu(const at::Tensor& x, int64_t group_size, int64_t num_channels) {
-  const Layout l = check_input(x, group_size, num_channels, c10::DeviceType::CPU);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({x.size(0), x.size(1) + num_channels, x.size(2), x.size(3)}, xc.options());
+Tensor minibatch_stddev_cpu(const Tensor& x, int64_t group_size, int64_t num_channels) {
+  const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
+  const Tensor xc = contiguous(x);
+  Tensor out = empty({x.size(0), x.size(1) + num_channels, x.size(2), x.size(3)}, options(xc));
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     std::vector<Acc> partials(l.tasks());
     for_each_task(l.tasks(), std::min(l.L, kChunkSize) * l.G,
                   [&](int64_t b) { partials[b] = stats_partial<Acc>(xp, l, b); });
@@ -145,17 +141,17 @@ at::Tensor minibatch_stddev_cpu(const at::Tensor& x, int64_t group_size, int64_t
 }
 GANOPS_KERNEL(CPU, "minibatch_stddev", minibatch_stddev_cpu)
 
-at::Tensor minibatch_stddev_backward_cpu(const at::Tensor& grad, const at::Tensor& x, int64_t group_size,
+Tensor minibatch_stddev_backward_cpu(const Tensor& grad, const Tensor& x, int64_t group_size,
                                          int64_t num_channels) {
-  const Layout l = check_input(x, group_size, num_channels, c10::DeviceType::CPU);
+  const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
   check_grad(grad, x, num_channels);
-  const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
-  at::Tensor grad_x = at::empty_like(xc);
+  const Tensor xc = contiguous(x), gc = contiguous(grad);
+  Tensor grad_x = empty_like(xc);
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     // k[jf] = Σ_g Σ_s grad[g · M + j, C + f, s] / L: each sample's H · W values in lanes,
     // the samples in order.
     std::vector<Acc> k(l.stats());

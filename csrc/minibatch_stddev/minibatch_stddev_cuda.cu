@@ -7,14 +7,9 @@
 // grad's stat channel into k = ∂stat / L; backward_kernel, with the forward's split, writes ∂x
 // column by column. Every intermediate stays in device memory: no host synchronisation, and
 // a launch sequence a CUDA graph can capture.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <ganops/checks.h>
+#include <ganops/cuda.h>
 #include <ganops/dispatch.h>
 #include <ganops/registration.h>
 
@@ -60,55 +55,55 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 unsigned int grid(int64_t blocks) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "minibatch_stddev: input too large (", blocks,
+  STD_TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "minibatch_stddev: input too large (", blocks,
               " blocks)");
   return static_cast<unsigned int>(blocks);
 }
 
-at::Tensor minibatch_stddev_cuda(const at::Tensor& x, int64_t group_size, int64_t num_channels) {
-  const Layout l = check_input(x, group_size, num_channels, c10::DeviceType::CUDA);
-  c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({x.size(0), x.size(1) + num_channels, x.size(2), x.size(3)}, xc.options());
-  const auto acc_opts = xc.options().dtype(acc_dtype(xc.scalar_type()));
-  at::Tensor partials = at::empty({l.tasks()}, acc_opts);
-  at::Tensor stat = at::empty({l.stats()}, acc_opts);
+Tensor minibatch_stddev_cuda(const Tensor& x, int64_t group_size, int64_t num_channels) {
+  const Layout l = check_input(x, group_size, num_channels, DeviceType::CUDA);
+  CudaDeviceGuard guard(x);
+  const Tensor xc = contiguous(x);
+  Tensor out = empty({x.size(0), x.size(1) + num_channels, x.size(2), x.size(3)}, options(xc));
+  const auto acc_opts = options(xc).dtype(acc_dtype(xc.scalar_type()));
+  Tensor partials = empty({l.tasks()}, acc_opts);
+  Tensor stat = empty({l.stats()}, acc_opts);
   const int64_t total = out.numel();
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(x);
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     stats_kernel<scalar_t><<<grid(l.tasks()), kThreads, 0, stream>>>(xc.const_data_ptr<scalar_t>(),
-                                                                      partials.data_ptr<Acc>(), l);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                      partials.mutable_data_ptr<Acc>(), l);
+    GANOPS_CUDA_LAUNCH_CHECK();
     finish_kernel<scalar_t><<<grid(ceil_div(l.stats(), kThreads)), kThreads, 0, stream>>>(
-        partials.const_data_ptr<Acc>(), stat.data_ptr<Acc>(), l);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        partials.const_data_ptr<Acc>(), stat.mutable_data_ptr<Acc>(), l);
+    GANOPS_CUDA_LAUNCH_CHECK();
     output_kernel<scalar_t><<<grid(ceil_div(total, kOutputChunk)), kThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), stat.const_data_ptr<Acc>(), out.data_ptr<scalar_t>(), l, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        xc.const_data_ptr<scalar_t>(), stat.const_data_ptr<Acc>(), out.mutable_data_ptr<scalar_t>(), l, total);
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 GANOPS_KERNEL(CUDA, "minibatch_stddev", minibatch_stddev_cuda)
 
-at::Tensor minibatch_stddev_backward_cuda(const at::Tensor& grad, const at::Tensor& x, int64_t group_size,
+Tensor minibatch_stddev_backward_cuda(const Tensor& grad, const Tensor& x, int64_t group_size,
                                           int64_t num_channels) {
-  const Layout l = check_input(x, group_size, num_channels, c10::DeviceType::CUDA);
+  const Layout l = check_input(x, group_size, num_channels, DeviceType::CUDA);
   check_grad(grad, x, num_channels);
-  c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
-  at::Tensor grad_x = at::empty_like(xc);
-  at::Tensor k = at::empty({l.stats()}, xc.options().dtype(acc_dtype(xc.scalar_type())));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  CudaDeviceGuard guard(x);
+  const Tensor xc = contiguous(x), gc = contiguous(grad);
+  Tensor grad_x = empty_like(xc);
+  Tensor k = empty({l.stats()}, options(xc).dtype(acc_dtype(xc.scalar_type())));
+  const cudaStream_t stream = current_stream(x);
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     stat_grad_kernel<scalar_t><<<grid(l.stats()), kThreads, 0, stream>>>(gc.const_data_ptr<scalar_t>(),
-                                                                          k.data_ptr<Acc>(), l);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                          k.mutable_data_ptr<Acc>(), l);
+    GANOPS_CUDA_LAUNCH_CHECK();
     backward_kernel<scalar_t><<<grid(l.tasks()), kThreads, 0, stream>>>(
         gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), k.const_data_ptr<Acc>(),
-        grad_x.data_ptr<scalar_t>(), l);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_x.mutable_data_ptr<scalar_t>(), l);
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return grad_x;
 }

@@ -2,10 +2,8 @@
 // thread (ganops/launch_emulation.h), with the grids the CUDA host code chooses and the
 // per-thread functions of minibatch_stddev.h: the forward's stats, finish and output kernels,
 // and the backward's stat-gradient and backward kernels. A test op for CPU tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
+#include <ganops/tensor.h>
 #include <ganops/dispatch.h>
 #include <ganops/launch_emulation.h>
 
@@ -17,10 +15,10 @@
 namespace ganops::minibatch_stddev {
 namespace {
 
-using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LaunchCheck = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 template <typename T>
-LaunchCheck launch_check_impl(const at::Tensor& x, const at::Tensor& grad, const Layout& l) {
+LaunchCheck launch_check_impl(const Tensor& x, const Tensor& grad, const Layout& l) {
   using Acc = acc_t<T>;
   const T* xp = x.const_data_ptr<T>();
   const T* gp = grad.const_data_ptr<T>();
@@ -37,12 +35,12 @@ LaunchCheck launch_check_impl(const at::Tensor& x, const at::Tensor& grad, const
   std::vector<Acc> stat(l.stats());
   for (int64_t jf = 0; jf < l.stats(); ++jf) stat[jf] = finish_stat(partials.data(), l, jf);
   // output_kernel: a block per kOutputChunk output elements.
-  at::Tensor out = at::empty({l.samples(), x.size(1) + l.F, x.size(2), x.size(3)}, x.options());
+  Tensor out = empty({l.samples(), x.size(1) + l.F, x.size(2), x.size(3)}, options(x));
   const int64_t total = out.numel();
   const Coverage out_visits({total});
   for (int64_t b = 0; b < ceil_div(total, kOutputChunk); ++b) {
     for (int tid = 0; tid < kThreads; ++tid) {
-      output_thread(xp, stat.data(), out.data_ptr<T>(), l, total, b, tid, kThreads,
+      output_thread(xp, stat.data(), out.mutable_data_ptr<T>(), l, total, b, tid, kThreads,
                     [&](int64_t k) { out_visits.visit(k); });
     }
   }
@@ -57,22 +55,22 @@ LaunchCheck launch_check_impl(const at::Tensor& x, const at::Tensor& grad, const
     k[jf] = stat_grad_coefficient(sum, l.L);
   }
   // backward_kernel: the forward's split.
-  at::Tensor grad_x = at::empty_like(x);
+  Tensor grad_x = empty_like(x);
   const Coverage backward_visits({x.numel()});
   for (int64_t b = 0; b < l.tasks(); ++b) {
     for (int tid = 0; tid < kThreads; ++tid) {
-      backward_thread(gp, xp, k.data(), grad_x.data_ptr<T>(), l, b, tid, kThreads,
+      backward_thread(gp, xp, k.data(), grad_x.mutable_data_ptr<T>(), l, b, tid, kThreads,
                       [&](int64_t i) { backward_visits.visit(i); });
     }
   }
   return {stats_visits.counts(), out_visits.counts(), out, grad_visits.counts(), backward_visits.counts(), grad_x};
 }
 
-LaunchCheck cuda_launch_check(const at::Tensor& x, const at::Tensor& grad, int64_t group_size, int64_t num_channels) {
-  const Layout l = check_input(x, group_size, num_channels, c10::DeviceType::CPU);
+LaunchCheck cuda_launch_check(const Tensor& x, const Tensor& grad, int64_t group_size, int64_t num_channels) {
+  const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
   check_grad(grad, x, num_channels);
   return GANOPS_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minibatch_stddev_launch_check", [&] {
-    return launch_check_impl<scalar_t>(x.contiguous(), grad.contiguous(), l);
+    return launch_check_impl<scalar_t>(contiguous(x), contiguous(grad), l);
   });
 }
 
@@ -80,7 +78,7 @@ LaunchCheck cuda_launch_check(const at::Tensor& x, const at::Tensor& grad, int64
 // CUDA host code would choose. Returns (times each element of x the stats kernel read, times
 // each output element was written, the output, times each element of grad the stat-gradient
 // kernel read, times each element of ∂x was written, ∂x); counts are flat.
-GANOPS_LAUNCH_CHECK_OP("_minibatch_stddev_cuda_launch_check(Tensor x, Tensor grad, int group_size, int num_channels) "
+GANOPS_LAUNCH_CHECK_OP("_minibatch_stddev_cuda_launch_check", "(Tensor x, Tensor grad, int group_size, int num_channels) "
                        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 

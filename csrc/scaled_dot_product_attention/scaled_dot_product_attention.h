@@ -30,8 +30,6 @@
 // agree.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 #include <ganops/block.h>
 #include <ganops/checks.h>
 #include <ganops/common.h>
@@ -507,20 +505,20 @@ GANOPS_HD void double_backward_key_block(const Block& block, SharedTile<Acc>& sh
 // ---------------------------------------------------------------------------------------
 
 // query (B, L, E), key (B, S, E), value (B, S, Ev) of one float dtype on `device`.
-inline Sizes check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, bool is_causal,
-                          c10::DeviceType device) {
+inline Sizes check_inputs(const Tensor& query, const Tensor& key, const Tensor& value, bool is_causal,
+                          DeviceType device) {
   check_float(query, "query");
-  TORCH_CHECK(query.device().type() == device, "query must be a ", device, " tensor here, got ", query.device());
+  STD_TORCH_CHECK(query.device().type() == device, "query must be a ", device_type_text(device, true), " tensor here, got ", device_text(query));
   check_dim(query, 3, "query");
   check_dim(key, 3, "key");
   check_dim(value, 3, "value");
-  TORCH_CHECK(key.size(0) == query.size(0) && key.size(2) == query.size(2),
-              "key must be (B, S, E) with query's B and E, got query ", query.sizes(), " and key ", key.sizes());
-  TORCH_CHECK(value.size(0) == query.size(0) && value.size(1) == key.size(1),
-              "value must be (B, S, Ev) with query's B and key's S, got key ", key.sizes(), " and value ",
-              value.sizes());
+  STD_TORCH_CHECK(key.size(0) == query.size(0) && key.size(2) == query.size(2),
+              "key must be (B, S, E) with query's B and E, got query ", shape_text(query), " and key ", shape_text(key));
+  STD_TORCH_CHECK(value.size(0) == query.size(0) && value.size(1) == key.size(1),
+              "value must be (B, S, Ev) with query's B and key's S, got key ", shape_text(key), " and value ",
+              shape_text(value));
   for (const auto& [t, name] : {std::pair{&key, "key"}, std::pair{&value, "value"}}) {
-    TORCH_CHECK(t->scalar_type() == query.scalar_type(), name, " must have query's dtype ", query.scalar_type(),
+    STD_TORCH_CHECK(t->scalar_type() == query.scalar_type(), name, " must have query's dtype ", query.scalar_type(),
                 ", got ", t->scalar_type());
     check_same_device(*t, name, query, "query");
   }
@@ -528,49 +526,49 @@ inline Sizes check_inputs(const at::Tensor& query, const at::Tensor& key, const 
 }
 
 // t has the given shape, query's device, and query's dtype (acc: the accumulation dtype).
-inline void check_operand(const at::Tensor& t, std::string_view name, c10::IntArrayRef shape,
-                          const at::Tensor& query, bool acc = false) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+inline void check_operand(const Tensor& t, std::string_view name, IntArrayRef shape,
+                          const Tensor& query, bool acc = false) {
+  STD_TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape_text(shape), ", got ", shape_text(t));
   const c10::ScalarType dtype = acc ? acc_dtype(query.scalar_type()) : query.scalar_type();
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  STD_TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   check_same_device(t, name, query, "query");
 }
 
 // The backward's operands beyond the inputs: grad_out and out (B, L, Ev), logsumexp (B, L).
-inline void check_saved(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& logsumexp,
-                        const at::Tensor& query, const Sizes& n) {
+inline void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& logsumexp,
+                        const Tensor& query, const Sizes& n) {
   check_operand(grad_out, "grad_out", {n.B, n.L, n.Ev}, query);
   check_operand(out, "out", {n.B, n.L, n.Ev}, query);
   check_operand(logsumexp, "logsumexp", {n.B, n.L}, query, /*acc=*/true);
 }
 
 // The double backward's cotangents, contiguous, or undefined where absent.
-inline std::array<at::Tensor, 3> check_cotangents(const std::optional<at::Tensor>& grad_grad_query,
-                                                  const std::optional<at::Tensor>& grad_grad_key,
-                                                  const std::optional<at::Tensor>& grad_grad_value,
-                                                  const at::Tensor& query, const Sizes& n) {
-  std::array<at::Tensor, 3> out;
-  const std::array<const std::optional<at::Tensor>*, 3> given{&grad_grad_query, &grad_grad_key, &grad_grad_value};
+inline std::array<Tensor, 3> check_cotangents(const std::optional<Tensor>& grad_grad_query,
+                                                  const std::optional<Tensor>& grad_grad_key,
+                                                  const std::optional<Tensor>& grad_grad_value,
+                                                  const Tensor& query, const Sizes& n) {
+  std::array<Tensor, 3> out;
+  const std::array<const std::optional<Tensor>*, 3> given{&grad_grad_query, &grad_grad_key, &grad_grad_value};
   const std::array<const char*, 3> names{"grad_grad_query", "grad_grad_key", "grad_grad_value"};
   const std::array<std::array<int64_t, 3>, 3> shapes{{{n.B, n.L, n.E}, {n.B, n.S, n.E}, {n.B, n.S, n.Ev}}};
   for (int t = 0; t < 3; ++t) {
     if (!given[t]->has_value() || !(*given[t])->defined()) continue;
     check_operand(**given[t], names[t], shapes[t], query);
-    out[t] = (*given[t])->contiguous();
+    out[t] = contiguous(**given[t]);
   }
   return out;
 }
 
 template <typename T>
-const T* data_or_null(const at::Tensor& t) {
+const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // The kernels' operands from contiguous tensors; undefined ones become nullptr.
 template <typename T>
-Operands<T, acc_t<T>> make_operands(const Sizes& n, double scale, const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& grad_out = {}, const at::Tensor& out = {},
-                                    const at::Tensor& lse = {}, const std::array<at::Tensor, 3>& cotangents = {}) {
+Operands<T, acc_t<T>> make_operands(const Sizes& n, double scale, const Tensor& q, const Tensor& k,
+                                    const Tensor& v, const Tensor& grad_out = {}, const Tensor& out = {},
+                                    const Tensor& lse = {}, const std::array<Tensor, 3>& cotangents = {}) {
   using Acc = acc_t<T>;
   return {data_or_null<T>(q),
           data_or_null<T>(k),

@@ -8,14 +8,9 @@
 // Accumulation in registers and shared memory in float (double for double); each output
 // element has one writer. Every intermediate stays in device memory: no host
 // synchronisation, and a launch sequence a CUDA graph can capture.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <ganops/checks.h>
+#include <ganops/cuda.h>
 #include <ganops/dispatch.h>
 #include <ganops/registration.h>
 
@@ -100,97 +95,97 @@ __global__ void __launch_bounds__(kThreads)
 
 // A 1-D grid of `blocks` rows (B · L query rows or B · S key rows).
 unsigned int grid(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "scaled_dot_product_attention: ", what, " = ", blocks,
+  STD_TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "scaled_dot_product_attention: ", what, " = ", blocks,
               " exceeds the CUDA grid's 2^31 - 1 blocks");
   return static_cast<unsigned int>(blocks);
 }
 
-std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cuda(const at::Tensor& query, const at::Tensor& key,
-                                                                      const at::Tensor& value, double scale,
+std::tuple<Tensor, Tensor> scaled_dot_product_attention_cuda(const Tensor& query, const Tensor& key,
+                                                                      const Tensor& value, double scale,
                                                                       bool is_causal) {
-  const Sizes n = check_inputs(query, key, value, is_causal, c10::DeviceType::CUDA);
-  c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  at::Tensor out = at::empty({n.B, n.L, n.Ev}, q.options());
-  at::Tensor lse = at::empty({n.B, n.L}, q.options().dtype(acc_dtype(q.scalar_type())));
+  const Sizes n = check_inputs(query, key, value, is_causal, DeviceType::CUDA);
+  CudaDeviceGuard guard(query);
+  const Tensor q = contiguous(query), k = contiguous(key), v = contiguous(value);
+  Tensor out = empty({n.B, n.L, n.Ev}, options(q));
+  Tensor lse = empty({n.B, n.L}, options(q).dtype(acc_dtype(q.scalar_type())));
   if (n.B * n.L == 0) return {out, lse};
   const unsigned int rows = grid(n.B * n.L, "B * L");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(query);
   GANOPS_DISPATCH_FLOATING_TYPES(q.scalar_type(), "scaled_dot_product_attention_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     Ops<scalar_t> o = make_operands<scalar_t>(n, scale, q, k, v);
-    lse_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, lse.data_ptr<Acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    lse_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, lse.mutable_data_ptr<Acc>());
+    GANOPS_CUDA_LAUNCH_CHECK();
     o.lse = lse.const_data_ptr<Acc>();
-    out_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    out_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, out.mutable_data_ptr<scalar_t>());
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return {out, lse};
 }
 GANOPS_KERNEL(CUDA, "scaled_dot_product_attention", scaled_dot_product_attention_cuda)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& logsumexp, double scale, bool is_causal) {
-  const Sizes n = check_inputs(query, key, value, is_causal, c10::DeviceType::CUDA);
+std::tuple<Tensor, Tensor, Tensor> scaled_dot_product_attention_backward_cuda(
+    const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value,
+    const Tensor& out, const Tensor& logsumexp, double scale, bool is_causal) {
+  const Sizes n = check_inputs(query, key, value, is_causal, DeviceType::CUDA);
   check_saved(grad_out, out, logsumexp, query, n);
-  c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const at::Tensor go = grad_out.contiguous(), o_saved = out.contiguous(), lse = logsumexp.contiguous();
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  CudaDeviceGuard guard(query);
+  const Tensor q = contiguous(query), k = contiguous(key), v = contiguous(value);
+  const Tensor go = contiguous(grad_out), o_saved = contiguous(out), lse = contiguous(logsumexp);
+  Tensor grad_q = empty_like(q), grad_k = empty_like(k), grad_v = empty_like(v);
   // No query row: nothing flows to the keys (the column-side kernel would write these zeros).
-  if (n.B * n.L == 0) return {grad_q, grad_k.zero_(), grad_v.zero_()};
-  at::Tensor delta = at::empty({n.B, n.L}, lse.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (n.B * n.L == 0) return {grad_q, zero_(grad_k), zero_(grad_v)};
+  Tensor delta = empty({n.B, n.L}, options(lse));
+  const cudaStream_t stream = current_stream(query);
   GANOPS_DISPATCH_FLOATING_TYPES(q.scalar_type(), "scaled_dot_product_attention_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     const Ops<scalar_t> o = make_operands<scalar_t>(n, scale, q, k, v, go, o_saved, lse);
     const unsigned int rows = grid(n.B * n.L, "B * L");
-    row_delta_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, delta.data_ptr<Acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_delta_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, delta.mutable_data_ptr<Acc>());
+    GANOPS_CUDA_LAUNCH_CHECK();
     backward_query_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, delta.const_data_ptr<Acc>(),
-                                                                    grad_q.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                    grad_q.mutable_data_ptr<scalar_t>());
+    GANOPS_CUDA_LAUNCH_CHECK();
     if (n.S > 0) {
       backward_key_kernel<scalar_t><<<grid(n.B * n.S, "B * S"), kThreads, 0, stream>>>(
-          o, delta.const_data_ptr<Acc>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          o, delta.const_data_ptr<Acc>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
   });
   return {grad_q, grad_k, grad_v};
 }
 GANOPS_KERNEL(CUDA, "scaled_dot_product_attention_backward", scaled_dot_product_attention_backward_cuda)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_double_backward_cuda(
-    const std::optional<at::Tensor>& grad_grad_query, const std::optional<at::Tensor>& grad_grad_key,
-    const std::optional<at::Tensor>& grad_grad_value, const at::Tensor& grad_out, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& value, const at::Tensor& out, const at::Tensor& logsumexp, double scale,
+std::tuple<Tensor, Tensor, Tensor, Tensor> scaled_dot_product_attention_double_backward_cuda(
+    const std::optional<Tensor>& grad_grad_query, const std::optional<Tensor>& grad_grad_key,
+    const std::optional<Tensor>& grad_grad_value, const Tensor& grad_out, const Tensor& query,
+    const Tensor& key, const Tensor& value, const Tensor& out, const Tensor& logsumexp, double scale,
     bool is_causal) {
-  const Sizes n = check_inputs(query, key, value, is_causal, c10::DeviceType::CUDA);
+  const Sizes n = check_inputs(query, key, value, is_causal, DeviceType::CUDA);
   check_saved(grad_out, out, logsumexp, query, n);
-  const std::array<at::Tensor, 3> cotangents =
+  const std::array<Tensor, 3> cotangents =
       check_cotangents(grad_grad_query, grad_grad_key, grad_grad_value, query, n);
-  c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const at::Tensor go = grad_out.contiguous(), o_saved = out.contiguous(), lse = logsumexp.contiguous();
-  at::Tensor grad_grad_out = at::empty_like(go);
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
-  if (n.B * n.L == 0) return {grad_grad_out, grad_q, grad_k.zero_(), grad_v.zero_()};
-  at::Tensor stats = at::empty({3, n.B, n.L}, lse.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  CudaDeviceGuard guard(query);
+  const Tensor q = contiguous(query), k = contiguous(key), v = contiguous(value);
+  const Tensor go = contiguous(grad_out), o_saved = contiguous(out), lse = contiguous(logsumexp);
+  Tensor grad_grad_out = empty_like(go);
+  Tensor grad_q = empty_like(q), grad_k = empty_like(k), grad_v = empty_like(v);
+  if (n.B * n.L == 0) return {grad_grad_out, grad_q, zero_(grad_k), zero_(grad_v)};
+  Tensor stats = empty({3, n.B, n.L}, options(lse));
+  const cudaStream_t stream = current_stream(query);
   GANOPS_DISPATCH_FLOATING_TYPES(q.scalar_type(), "scaled_dot_product_attention_double_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     const Ops<scalar_t> o = make_operands<scalar_t>(n, scale, q, k, v, go, o_saved, lse, cotangents);
     const unsigned int rows = grid(n.B * n.L, "B * L");
-    row_stats_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, stats.data_ptr<Acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_stats_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(o, stats.mutable_data_ptr<Acc>());
+    GANOPS_CUDA_LAUNCH_CHECK();
     double_backward_query_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-        o, stats.const_data_ptr<Acc>(), grad_grad_out.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        o, stats.const_data_ptr<Acc>(), grad_grad_out.mutable_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>());
+    GANOPS_CUDA_LAUNCH_CHECK();
     if (n.S > 0) {
       double_backward_key_kernel<scalar_t><<<grid(n.B * n.S, "B * S"), kThreads, 0, stream>>>(
-          o, stats.const_data_ptr<Acc>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          o, stats.const_data_ptr<Acc>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
   });
   return {grad_grad_out, grad_q, grad_k, grad_v};

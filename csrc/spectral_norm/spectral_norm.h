@@ -31,7 +31,6 @@
 //   elementwise        grid-stride over the weight's elements, chunk per block
 #pragma once
 
-#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>
@@ -224,25 +223,25 @@ GANOPS_HD T grad_weight_element(const T* g, const T* u, const T* v, MatrixShape 
 
 // Host side: the matrix view of a contiguous weight, and the checks every backend's
 // kernels make (Python checks first, naming the public arguments).
-inline MatrixShape matrix_shape(const at::Tensor& weight, int64_t dim) {
+inline MatrixShape matrix_shape(const Tensor& weight, int64_t dim) {
   MatrixShape s{1, weight.size(dim), 1};
   for (int64_t d = 0; d < dim; ++d) s.outer *= weight.size(d);
   for (int64_t d = dim + 1; d < weight.dim(); ++d) s.inner *= weight.size(d);
   return s;
 }
 
-inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+inline MatrixShape check_weight_u_v(const Tensor& weight, const Tensor& u, const Tensor& v,
                                     int64_t dim) {
   check_float(weight, "weight");
-  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dimensions, got shape ", weight.sizes());
-  TORCH_CHECK(dim >= 0 && dim < weight.dim(), "dim must be in [0, ", weight.dim(), "), got ", dim);
-  TORCH_CHECK(weight.numel() > 0, "weight must not be empty, got shape ", weight.sizes());
+  STD_TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dimensions, got shape ", shape_text(weight));
+  STD_TORCH_CHECK(dim >= 0 && dim < weight.dim(), "dim must be in [0, ", weight.dim(), "), got ", dim);
+  STD_TORCH_CHECK(weight.numel() > 0, "weight must not be empty, got shape ", shape_text(weight));
   const MatrixShape s = matrix_shape(weight, dim);
-  TORCH_CHECK(u.dim() == 1 && u.numel() == s.rows, "u must be 1-D with ", s.rows, " elements, got shape ",
-              u.sizes());
-  TORCH_CHECK(v.dim() == 1 && v.numel() == s.cols(), "v must be 1-D with ", s.cols(),
-              " elements, got shape ", v.sizes());
-  TORCH_CHECK(u.scalar_type() == weight.scalar_type() && v.scalar_type() == weight.scalar_type(),
+  STD_TORCH_CHECK(u.dim() == 1 && u.numel() == s.rows, "u must be 1-D with ", s.rows, " elements, got shape ",
+              shape_text(u));
+  STD_TORCH_CHECK(v.dim() == 1 && v.numel() == s.cols(), "v must be 1-D with ", s.cols(),
+              " elements, got shape ", shape_text(v));
+  STD_TORCH_CHECK(u.scalar_type() == weight.scalar_type() && v.scalar_type() == weight.scalar_type(),
               "u and v must have the weight's dtype ", weight.scalar_type(), ", got ", u.scalar_type(),
               " and ", v.scalar_type());
   check_same_device(u, "u", weight, "weight");
@@ -250,9 +249,9 @@ inline MatrixShape check_weight_u_v(const at::Tensor& weight, const at::Tensor& 
   return s;
 }
 
-inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
-  TORCH_CHECK(sigma.dim() == 0, "sigma must be 0-D, got shape ", sigma.sizes());
-  TORCH_CHECK(sigma.scalar_type() == acc_dtype(weight.scalar_type()), "sigma must be ",
+inline void check_sigma(const Tensor& sigma, const Tensor& weight) {
+  STD_TORCH_CHECK(sigma.dim() == 0, "sigma must be 0-D, got shape ", shape_text(sigma));
+  STD_TORCH_CHECK(sigma.scalar_type() == acc_dtype(weight.scalar_type()), "sigma must be ",
               acc_dtype(weight.scalar_type()), " for a ", weight.scalar_type(), " weight, got ",
               sigma.scalar_type());
   check_same_device(sigma, "sigma", weight, "weight");
@@ -262,43 +261,43 @@ inline void check_sigma(const at::Tensor& sigma, const at::Tensor& weight) {
 // iteration updates these u and v in place (copies when the buffers were not contiguous).
 struct ForwardInputs {
   MatrixShape s;
-  at::Tensor w, u, v;
+  Tensor w, u, v;
 };
 
-inline ForwardInputs forward_inputs(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, int64_t dim,
+inline ForwardInputs forward_inputs(const Tensor& weight, const Tensor& u, const Tensor& v, int64_t dim,
                                     int64_t n_power_iterations) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
-  TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
-  return {s, weight.contiguous(), u.contiguous(), v.contiguous()};
+  STD_TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
+  return {s, contiguous(weight), contiguous(u), contiguous(v)};
 }
 
 // The forward's outputs, alike for the CPU and CUDA kernels. The buffers u, v were iterated
 // in place in ForwardInputs' u, v (passed here as uc, vc); write those back. The vectors this
 // step used are returned as copies: autograd keeps them while the buffers move on.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_result(
-    at::Tensor& u, const at::Tensor& uc, at::Tensor& v, const at::Tensor& vc, const at::Tensor& out,
-    const at::Tensor& sigma) {
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> forward_result(
+    Tensor& u, const Tensor& uc, Tensor& v, const Tensor& vc, const Tensor& out,
+    const Tensor& sigma) {
   copy_back(u, uc);
   copy_back(v, vc);
-  return {out, sigma, uc.clone(), vc.clone()};
+  return {out, sigma, clone(uc), clone(vc)};
 }
 
 // The backward's inputs, checked alike by the CPU and CUDA kernels, and contiguous.
 struct BackwardInputs {
   MatrixShape s;
-  at::Tensor w, g, u, v;
+  Tensor w, g, u, v;
   bool has_grad_sigma;
 };
 
-inline BackwardInputs backward_inputs(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
-                                      const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                                      const at::Tensor& sigma, int64_t dim) {
+inline BackwardInputs backward_inputs(const Tensor& grad, const std::optional<Tensor>& grad_sigma,
+                                      const Tensor& weight, const Tensor& u, const Tensor& v,
+                                      const Tensor& sigma, int64_t dim) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   check_sigma(sigma, weight);
   check_like(weight, "weight", grad, "grad");
   const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
   if (has_grad_sigma) check_sigma(*grad_sigma, weight);
-  return {s, weight.contiguous(), grad.contiguous(), u.contiguous(), v.contiguous(), has_grad_sigma};
+  return {s, contiguous(weight), contiguous(grad), contiguous(u), contiguous(v), has_grad_sigma};
 }
 
 }  // namespace ganops::spectral_norm

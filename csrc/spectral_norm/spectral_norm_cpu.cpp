@@ -1,16 +1,12 @@
 // CPU kernels of spectral normalization.
 //
 // Both matrix-vector products read the stored matrix in its own memory order: W x as row dot
-// products (at::parallel_for over rows, each a vectorised dot product; slab by slab when the
+// products (torch::stable::parallel_for over rows, each a vectorised dot product; slab by slab when the
 // weight has several), W^T x over blocks of columns, each block accumulating every row in
 // order into a small array that stays in L1. A matrix stored transposed (spectral_norm.h:
 // the hook API's dim = 1 view) swaps the two. Every output element is made by one task in a
 // fixed order, and the norms are sequential, so results are bit-identical whatever the
 // thread count.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <ganops/checks.h>
 #include <ganops/dispatch.h>
@@ -189,7 +185,7 @@ constexpr int64_t kRowBlock = 256;
 template <typename T, typename Acc>
 void mat_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
   const int64_t block = s.outer == 1 ? 1 : kRowBlock;
-  at::parallel_for(0, ceil_div(s.rows, block), grain_for(block * s.cols()), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, ceil_div(s.rows, block), grain_for(block * s.cols()), [&](int64_t begin, int64_t end) {
     run_leaf([&] {
       for (int64_t b = begin; b < end; ++b) {
         mat_vec_rows<T, Acc>(w, x, s, b * block, std::min(s.rows, (b + 1) * block), t);
@@ -202,7 +198,7 @@ void mat_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
 template <typename T, typename Acc>
 void mat_t_vec(const T* w, const T* x, MatrixShape s, Acc* t) {
   const int64_t blocks = ceil_div(s.inner, kColBlock);
-  at::parallel_for(0, s.outer * blocks, grain_for(s.rows * kColBlock), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, s.outer * blocks, grain_for(s.rows * kColBlock), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t a = task / blocks;
       const int64_t b0 = (task % blocks) * kColBlock;
@@ -233,12 +229,12 @@ Acc normalize_into(const Acc* t, int64_t n, double eps, T* out) {
 }
 
 template <typename T>
-at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixShape s, int64_t n_iter,
+Tensor sigma_impl(const Tensor& w, Tensor& u, Tensor& v, MatrixShape s, int64_t n_iter,
                       double eps) {
   using Acc = acc_t<T>;
   const T* wp = w.const_data_ptr<T>();
-  T* up = u.data_ptr<T>();
-  T* vp = v.data_ptr<T>();
+  T* up = u.mutable_data_ptr<T>();
+  T* vp = v.mutable_data_ptr<T>();
   std::vector<Acc> t(s.rows);
   Acc sigma;
   if (n_iter == 0) {
@@ -256,24 +252,24 @@ at::Tensor sigma_impl(const at::Tensor& w, at::Tensor& u, at::Tensor& v, MatrixS
     }
     sigma = sigma_from_sum_sq(ss, eps);
   }
-  at::Tensor out = at::empty({}, w.options().dtype(acc_dtype(w.scalar_type())));
-  out.data_ptr<Acc>()[0] = sigma;
+  Tensor out = empty({}, options(w).dtype(acc_dtype(w.scalar_type())));
+  out.mutable_data_ptr<Acc>()[0] = sigma;
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cpu(
-    const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> spectral_norm_forward_cpu(
+    const Tensor& weight, Tensor& u, Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
   ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
   const MatrixShape s = in.s;
-  at::Tensor sigma;
-  at::Tensor out = at::empty_like(in.w);
+  Tensor sigma;
+  Tensor out = empty_like(in.w);
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     sigma = sigma_impl<scalar_t>(in.w, in.u, in.v, s, n_power_iterations, eps);
     const Acc inv = Acc(1) / sigma.const_data_ptr<Acc>()[0];
     const scalar_t* wp = in.w.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, s.numel(), kGrainElements, [&](int64_t begin, int64_t end) {
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, s.numel(), kGrainElements, [&](int64_t begin, int64_t end) {
       run_leaf([&] { scale_range<scalar_t, Acc>(wp + begin, end - begin, inv, op + begin); });
     });
   });
@@ -281,12 +277,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
 }
 GANOPS_KERNEL(CPU, "spectral_norm_forward_", spectral_norm_forward_cpu)
 
-at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
-                                            const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                                            const at::Tensor& sigma, int64_t dim) {
+Tensor spectral_norm_backward_cpu(const Tensor& grad, const std::optional<Tensor>& grad_sigma,
+                                            const Tensor& weight, const Tensor& u, const Tensor& v,
+                                            const Tensor& sigma, int64_t dim) {
   const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
   const MatrixShape s = in.s;
-  at::Tensor out = at::empty_like(in.w);
+  Tensor out = empty_like(in.w);
   const int64_t n = in.w.numel();
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cpu", [&] {
     using T = scalar_t;
@@ -295,11 +291,11 @@ at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optiona
     const T* gp = in.g.const_data_ptr<T>();
     const T* up = in.u.const_data_ptr<T>();
     const T* vp = in.v.const_data_ptr<T>();
-    T* op = out.data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
     // Pass 1: <G, W>, chunk partials combined in chunk order.
     const int64_t n_chunks = ceil_div(n, kChunkSize);
     std::vector<Acc> partials(n_chunks);
-    at::parallel_for(0, n_chunks, grain_for(kChunkSize), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, n_chunks, grain_for(kChunkSize), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t k0 = c * kChunkSize;
         partials[c] = run_leaf([&] { return dot<T, Acc>(gp + k0, wp + k0, std::min(kChunkSize, n - k0)); });
@@ -312,7 +308,7 @@ at::Tensor spectral_norm_backward_cpu(const at::Tensor& grad, const std::optiona
     const Acc coef = outer_coefficient(gw, sig, grad_sig);
     const Acc inv = Acc(1) / sig;
     // Pass 2: dW = G / sigma - coef u v^T, segment (a, i) by segment.
-    at::parallel_for(0, s.outer * s.rows, grain_for(s.inner), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, s.outer * s.rows, grain_for(s.inner), [&](int64_t begin, int64_t end) {
       run_leaf([&] { grad_segments<T, Acc>(gp, up, vp, s, begin, end, inv, coef, op); });
     });
   });

@@ -8,14 +8,9 @@
 // two passes (spectral_norm.h). Every sum has a fixed order, so results are deterministic.
 // The scale and the backward read sigma and the backward's coefficient from device memory:
 // nothing waits on the host.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <ganops/checks.h>
+#include <ganops/cuda.h>
 #include <ganops/dispatch.h>
 #include <ganops/registration.h>
 
@@ -94,9 +89,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename Acc>
 void row_dots(const T* w, MatrixShape s, const T* x, Acc* out, Acc* sum_sq, cudaStream_t stream) {
   row_dot_kernel<T, Acc><<<s.rows, kThreads, 0, stream>>>(w, x, s, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GANOPS_CUDA_LAUNCH_CHECK();
   combine_kernel<Acc><<<ceil_div(s.rows, kChunkSize), kThreads, 0, stream>>>(out, 1, s.rows, out, sum_sq);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GANOPS_CUDA_LAUNCH_CHECK();
 }
 
 // out = the stored matrix s transposed times x (column sums), and out's chunk sums of squares.
@@ -104,10 +99,10 @@ template <typename T, typename Acc>
 void col_sums(const T* w, MatrixShape s, const T* x, Acc* partials, Acc* out, Acc* sum_sq, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(s.cols(), kThreads)), static_cast<unsigned>(row_chunks(s.rows)));
   col_partial_kernel<T, Acc><<<grid, kThreads, 0, stream>>>(w, x, s, partials);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GANOPS_CUDA_LAUNCH_CHECK();
   combine_kernel<Acc><<<ceil_div(s.cols(), kChunkSize), kThreads, 0, stream>>>(partials, row_chunks(s.rows),
                                                                              s.cols(), out, sum_sq);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GANOPS_CUDA_LAUNCH_CHECK();
 }
 
 // out = x / max(|x|, eps) (and *sigma = |x|^2 / max(|x|, eps) unless sigma is null).
@@ -115,43 +110,43 @@ template <typename T, typename Acc>
 void normalize(const Acc* x, int64_t n, const Acc* sum_sq, double eps, T* out, Acc* sigma, cudaStream_t stream) {
   const int64_t n_chunks = ceil_div(n, kChunkSize);
   normalize_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(x, n, sum_sq, n_chunks, eps, out, sigma);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  GANOPS_CUDA_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward_cuda(
-    const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> spectral_norm_forward_cuda(
+    const Tensor& weight, Tensor& u, Tensor& v, int64_t dim, int64_t n_power_iterations, double eps) {
   ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
   const MatrixShape s = in.s;
   const MatrixShape stored = stored_shape(s);
   const bool transposed = stored_transposed(s);
-  TORCH_CHECK(row_chunks(stored.rows) <= 65535, "spectral_norm (CUDA): the weight's ",
+  STD_TORCH_CHECK(row_chunks(stored.rows) <= 65535, "spectral_norm (CUDA): the weight's ",
               transposed ? "column count (numel / size(dim))" : "size(dim)", " must be at most ",
               65535 * kRowsPerChunk, ", got ", stored.rows);
-  c10::cuda::CUDAGuard guard(weight.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
-  at::Tensor sigma = at::empty({}, acc_opts);
+  CudaDeviceGuard guard(weight);
+  const cudaStream_t stream = current_stream(weight);
+  const auto acc_opts = options(in.w).dtype(acc_dtype(in.w.scalar_type()));
+  Tensor sigma = empty({}, acc_opts);
   // t = W v and s = W^T u, their chunk sums of squares, and the column partials.
-  at::Tensor t = at::empty({s.rows}, acc_opts);
-  at::Tensor t_sum_sq = at::empty({ceil_div(s.rows, kChunkSize)}, acc_opts);
-  at::Tensor c = at::empty({n_power_iterations > 0 ? s.cols() : 0}, acc_opts);
-  at::Tensor c_sum_sq = at::empty({ceil_div(s.cols(), kChunkSize)}, acc_opts);
+  Tensor t = empty({s.rows}, acc_opts);
+  Tensor t_sum_sq = empty({ceil_div(s.rows, kChunkSize)}, acc_opts);
+  Tensor c = empty({n_power_iterations > 0 ? s.cols() : 0}, acc_opts);
+  Tensor c_sum_sq = empty({ceil_div(s.cols(), kChunkSize)}, acc_opts);
   // Column sums run in every iteration, and in eval mode for a matrix stored transposed.
   const bool sums_columns = n_power_iterations > 0 || transposed;
-  at::Tensor partials = at::empty({sums_columns ? row_chunks(stored.rows) * stored.cols() : 0}, acc_opts);
-  at::Tensor out = at::empty_like(in.w);
+  Tensor partials = empty({sums_columns ? row_chunks(stored.rows) * stored.cols() : 0}, acc_opts);
+  Tensor out = empty_like(in.w);
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
     const T* wp = in.w.const_data_ptr<T>();
-    T* up = in.u.data_ptr<T>();
-    T* vp = in.v.data_ptr<T>();
-    Acc* tp = t.data_ptr<Acc>();
-    Acc* cp = c.data_ptr<Acc>();
-    Acc* sp = sigma.data_ptr<Acc>();
-    Acc* pp = partials.data_ptr<Acc>();
-    Acc* t_ss = t_sum_sq.data_ptr<Acc>();
-    Acc* c_ss = c_sum_sq.data_ptr<Acc>();
+    T* up = in.u.mutable_data_ptr<T>();
+    T* vp = in.v.mutable_data_ptr<T>();
+    Acc* tp = t.mutable_data_ptr<Acc>();
+    Acc* cp = c.mutable_data_ptr<Acc>();
+    Acc* sp = sigma.mutable_data_ptr<Acc>();
+    Acc* pp = partials.mutable_data_ptr<Acc>();
+    Acc* t_ss = t_sum_sq.mutable_data_ptr<Acc>();
+    Acc* c_ss = c_sum_sq.mutable_data_ptr<Acc>();
     // W v and W^T u, each read in the stored matrix's own memory order.
     auto mat_vec = [&](const T* x) {
       if (transposed) {
@@ -170,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
     if (n_power_iterations == 0) {
       mat_vec(vp);
       eval_sigma_kernel<T, Acc><<<1, kThreads, 0, stream>>>(up, tp, s.rows, sp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      GANOPS_CUDA_LAUNCH_CHECK();
     }
     for (int64_t it = 0; it < n_power_iterations; ++it) {
       mat_vec(vp);
@@ -179,49 +174,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_forward
       normalize<T, Acc>(cp, s.cols(), c_ss, eps, vp, sp, stream);
     }
     scale_kernel<T, Acc><<<ceil_div(s.numel(), kChunkSize), kThreads, 0, stream>>>(wp, s.numel(), sp,
-                                                                                 out.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                                 out.mutable_data_ptr<T>());
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return forward_result(u, in.u, v, in.v, out, sigma);
 }
 GANOPS_KERNEL(CUDA, "spectral_norm_forward_", spectral_norm_forward_cuda)
 
-at::Tensor spectral_norm_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& grad_sigma,
-                                             const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                                             const at::Tensor& sigma, int64_t dim) {
+Tensor spectral_norm_backward_cuda(const Tensor& grad, const std::optional<Tensor>& grad_sigma,
+                                             const Tensor& weight, const Tensor& u, const Tensor& v,
+                                             const Tensor& sigma, int64_t dim) {
   const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
   const MatrixShape s = in.s;
-  c10::cuda::CUDAGuard guard(weight.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty_like(in.w);
+  CudaDeviceGuard guard(weight);
+  const cudaStream_t stream = current_stream(weight);
+  Tensor out = empty_like(in.w);
   const int64_t n = in.w.numel();
   const int64_t n_chunks = ceil_div(n, kChunkSize);
-  const auto acc_opts = in.w.options().dtype(acc_dtype(in.w.scalar_type()));
-  at::Tensor partials = at::empty({n_chunks + 1}, acc_opts);
+  const auto acc_opts = options(in.w).dtype(acc_dtype(in.w.scalar_type()));
+  Tensor partials = empty({n_chunks + 1}, acc_opts);
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
-    Acc* pp = partials.data_ptr<Acc>();
+    Acc* pp = partials.mutable_data_ptr<Acc>();
     Acc* coef = pp + n_chunks;
     grad_dot_kernel<T, Acc><<<n_chunks, kThreads, 0, stream>>>(in.g.const_data_ptr<T>(), in.w.const_data_ptr<T>(), n,
                                                                 pp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GANOPS_CUDA_LAUNCH_CHECK();
     grad_finish_kernel<Acc><<<1, kThreads, 0, stream>>>(
         pp, n_chunks, sigma.const_data_ptr<Acc>(), in.has_grad_sigma ? grad_sigma->const_data_ptr<Acc>() : nullptr,
         coef);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GANOPS_CUDA_LAUNCH_CHECK();
     auto launch = [&](auto index_type) {
       using Index = decltype(index_type);
       grad_weight_kernel<T, Acc, Index><<<n_chunks, kThreads, 0, stream>>>(
           in.g.const_data_ptr<T>(), in.u.const_data_ptr<T>(), in.v.const_data_ptr<T>(), s,
-          sigma.const_data_ptr<Acc>(), coef, out.data_ptr<T>());
+          sigma.const_data_ptr<Acc>(), coef, out.mutable_data_ptr<T>());
     };
     if (n <= int64_t(UINT32_MAX)) {
       launch(uint32_t{});
     } else {
       launch(int64_t{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    GANOPS_CUDA_LAUNCH_CHECK();
   });
   return out;
 }

@@ -1,10 +1,8 @@
 // The CUDA launches of spectral_norm_cuda.cu run on the CPU, block by block and thread by
 // thread (ganops/launch_emulation.h), for one power iteration, the scale and the backward: a
 // test op for CPU tensors.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
+#include <ganops/tensor.h>
 #include <ganops/dispatch.h>
 #include <ganops/launch_emulation.h>
 
@@ -16,7 +14,7 @@
 namespace ganops::spectral_norm {
 namespace {
 
-using LaunchCheck = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LaunchCheck = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The launches of one matrix-vector product over the stored matrix s, block by block and
 // thread by thread: row dots (row_dot_kernel) or column sums (col_partial_kernel over
@@ -75,20 +73,20 @@ Acc emulate_normalize(const Acc* x, int64_t n, const std::vector<Acc>& sum_sq, d
 }
 
 template <typename T>
-LaunchCheck launch_check_impl(const at::Tensor& w, const at::Tensor& u_in, const at::Tensor& v_in,
-                              const at::Tensor& g, MatrixShape s, double eps) {
+LaunchCheck launch_check_impl(const Tensor& w, const Tensor& u_in, const Tensor& v_in,
+                              const Tensor& g, MatrixShape s, double eps) {
   using Acc = acc_t<T>;
   const int64_t n = s.numel();
   const int64_t cols = s.cols();
   const Coverage visits({4, n});
   const Coverage mat_vec_visits = visits, mat_t_vec_visits = visits.from(n), scale_visits = visits.from(2 * n),
                  dot_visits = visits.from(3 * n);
-  at::Tensor u = u_in.clone();
-  at::Tensor v = v_in.clone();
+  Tensor u = clone(u_in);
+  Tensor v = clone(v_in);
   const T* wp = w.const_data_ptr<T>();
   const T* gp = g.const_data_ptr<T>();
-  T* up = u.data_ptr<T>();
-  T* vp = v.data_ptr<T>();
+  T* up = u.mutable_data_ptr<T>();
+  T* vp = v.mutable_data_ptr<T>();
 
   // W v, then u; W^T u, then v and sigma: row dots and column sums of the stored matrix,
   // swapped when it is stored transposed.
@@ -105,10 +103,10 @@ LaunchCheck launch_check_impl(const at::Tensor& w, const at::Tensor& u_in, const
   // scale_kernel and the backward's grad_dot_kernel, a chunk per block; grad_finish_kernel,
   // one block; grad_weight_kernel.
   const int64_t n_chunks = ceil_div(n, kChunkSize);
-  at::Tensor scaled = at::empty_like(w);
-  at::Tensor grad_w = at::empty_like(w);
-  T* sp = scaled.data_ptr<T>();
-  T* dp = grad_w.data_ptr<T>();
+  Tensor scaled = empty_like(w);
+  Tensor grad_w = empty_like(w);
+  T* sp = scaled.mutable_data_ptr<T>();
+  T* dp = grad_w.mutable_data_ptr<T>();
   const Acc inv = Acc(1) / sigma;
   std::vector<Acc> chunk_partials(n_chunks);
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -126,17 +124,17 @@ LaunchCheck launch_check_impl(const at::Tensor& w, const at::Tensor& u_in, const
   const Acc coef = outer_coefficient(grad_dot_weight, sigma, Acc(0));
   for (int64_t k = 0; k < n; ++k) dp[k] = grad_weight_element<T, Acc>(gp, up, vp, s, k, inv, coef);
 
-  at::Tensor sigma_out = at::empty({}, w.options().dtype(acc_dtype(w.scalar_type())));
-  sigma_out.data_ptr<Acc>()[0] = sigma;
+  Tensor sigma_out = empty({}, options(w).dtype(acc_dtype(w.scalar_type())));
+  sigma_out.mutable_data_ptr<Acc>()[0] = sigma;
   return {visits.counts(), u, v, sigma_out, scaled, grad_w};
 }
 
-LaunchCheck cuda_launch_check(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
-                              const at::Tensor& grad, int64_t dim, double eps) {
+LaunchCheck cuda_launch_check(const Tensor& weight, const Tensor& u, const Tensor& v,
+                              const Tensor& grad, int64_t dim, double eps) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   check_like(weight, "weight", grad, "grad");
   return GANOPS_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spectral_norm_launch_check", [&] {
-    return launch_check_impl<scalar_t>(weight.contiguous(), u.contiguous(), v.contiguous(), grad.contiguous(), s,
+    return launch_check_impl<scalar_t>(contiguous(weight), contiguous(u), contiguous(v), contiguous(grad), s,
                                        eps);
   });
 }
@@ -146,7 +144,7 @@ LaunchCheck cuda_launch_check(const at::Tensor& weight, const at::Tensor& u, con
 // with gradient `grad`. Returns (visits [4, numel]: times each element was read by the
 // launches of W v, of W^T u, of the scale and of the backward's dot product; u, v, sigma,
 // W / sigma, dW).
-GANOPS_LAUNCH_CHECK_OP("_spectral_norm_cuda_launch_check(Tensor weight, Tensor u, Tensor v, Tensor grad, int dim, "
+GANOPS_LAUNCH_CHECK_OP("_spectral_norm_cuda_launch_check", "(Tensor weight, Tensor u, Tensor v, Tensor grad, int dim, "
                        "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
                        cuda_launch_check)
 

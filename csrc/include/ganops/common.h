@@ -12,9 +12,10 @@
 #define GANOPS_HD inline
 #endif
 
-#include <c10/core/ScalarType.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+// Header-only parts of torch (stable ABI): the half types and ScalarType.
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 namespace ganops {
 
@@ -27,7 +28,9 @@ template <typename T> using acc_t = typename AccType<T>::type;
 // acc_t on the host, for a dtype: float64 stays float64, every other float accumulates in
 // float32. Partial sums, sigma and sumsq are allocated in it, so their bytes are the Acc the
 // kernels write.
-inline c10::ScalarType acc_dtype(c10::ScalarType t) { return t == c10::kDouble ? c10::kDouble : c10::kFloat; }
+inline c10::ScalarType acc_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+}
 
 // Ceil division for 64-bit sizes.
 GANOPS_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

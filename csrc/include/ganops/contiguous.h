@@ -3,24 +3,26 @@
 // caller's tensor; a tensor that was contiguous already is its own copy and is left alone.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ganops/tensor.h>
 
 #include <vector>
 
 namespace ganops {
 
-inline std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
-  std::vector<at::Tensor> out;
+inline std::vector<Tensor> contiguous_all(const TensorList& tensors) {
+  std::vector<Tensor> out;
   out.reserve(tensors.size());
-  for (const auto& t : tensors) out.push_back(t.contiguous());
+  for (const auto& t : tensors) out.push_back(contiguous(t));
   return out;
 }
 
-inline void copy_back(const at::Tensor& tensor, const at::Tensor& contig) {
-  if (!tensor.is_same(contig)) tensor.copy_(contig);
+inline void copy_back(const Tensor& tensor, const Tensor& contig) {
+  if (same_data(tensor, contig)) return;
+  Tensor dst = tensor;  // a handle to the caller's tensor
+  copy_(dst, contig);
 }
 
-inline void copy_back(at::TensorList tensors, const std::vector<at::Tensor>& contig) {
+inline void copy_back(const TensorList& tensors, const std::vector<Tensor>& contig) {
   for (size_t k = 0; k < tensors.size(); ++k) copy_back(tensors[k], contig[k]);
 }
 

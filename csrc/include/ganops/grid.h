@@ -3,7 +3,7 @@
 // test shows the error a GPU would give instead of "invalid configuration argument".
 #pragma once
 
-#include <c10/util/Exception.h>
+#include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
 #include <string_view>
@@ -15,7 +15,7 @@ constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
 
 // blocks for a 1-D grid, checked against kMaxGridX; `launch` names the kernel's op.
 inline unsigned int grid_x(int64_t blocks, std::string_view launch) {
-  TORCH_CHECK(blocks <= kMaxGridX, launch, ": the CUDA launch would need ", blocks,
+  STD_TORCH_CHECK(blocks <= kMaxGridX, launch, ": the CUDA launch would need ", blocks,
               " blocks, past CUDA's limit of 2^31 - 1 blocks on a 1-D grid; split the input");
   return static_cast<unsigned int>(blocks);
 }

@@ -8,11 +8,10 @@
 // its results are the kernel's to the bit.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <ganops/block.h>
+#include <ganops/tensor.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -25,18 +24,18 @@ namespace ganops {
 class Coverage {
  public:
   explicit Coverage(std::initializer_list<int64_t> sizes)
-      : counts_(at::zeros(sizes, at::TensorOptions().dtype(c10::kInt))), data_(counts_.data_ptr<int32_t>()) {}
+      : counts_(zeros(sizes, ScalarType::Int, Device(DeviceType::CPU))), data_(counts_.mutable_data_ptr<int32_t>()) {}
 
   // Counts one visit of the element at flat index k.
   void visit(int64_t k) const { ++data_[k]; }
   // The counts from flat index offset on, as a Coverage of their own: one launch's row of
   // a [launches, n] tensor, one tensor's elements in a list's concatenation.
   Coverage from(int64_t offset) const { return Coverage(counts_, data_ + offset); }
-  const at::Tensor& counts() const { return counts_; }
+  const Tensor& counts() const { return counts_; }
 
  private:
-  Coverage(at::Tensor counts, int32_t* data) : counts_(std::move(counts)), data_(data) {}
-  at::Tensor counts_;
+  Coverage(Tensor counts, int32_t* data) : counts_(std::move(counts)), data_(data) {}
+  Tensor counts_;
   int32_t* data_;
 };
 
@@ -61,7 +60,9 @@ Acc emulate_block(ThreadValue&& thread_value, Combine combine = {}) {
 
 }  // namespace ganops
 
-// Defines a launch check's test op, `schema`, with FN its kernel for CPU tensors (the only
-// device it runs on: it stands in for the GPU).
-#define GANOPS_LAUNCH_CHECK_OP(SCHEMA, FN) \
-  TORCH_LIBRARY_FRAGMENT(ganops, m) { m.def(SCHEMA, torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(FN))); }
+// Defines a launch check's test op, NAME with SIGNATURE "(args) -> returns", with FN its
+// kernel for CPU tensors (the only device it runs on: it stands in for the GPU). Test ops
+// are not in the registry: their schema is written here, once.
+#define GANOPS_LAUNCH_CHECK_OP(NAME, SIGNATURE, FN)                          \
+  STABLE_TORCH_LIBRARY_FRAGMENT(ganops, m) { m.def(NAME SIGNATURE); }       \
+  STABLE_TORCH_LIBRARY_IMPL(ganops, CPU, m) { m.impl(NAME, TORCH_BOX(&FN)); }

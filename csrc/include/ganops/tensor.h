@@ -1,0 +1,116 @@
+// The tensor vocabulary of the kernels' host code, on LibTorch's stable ABI.
+//
+// Every compiled module of ganops is built against torch/csrc/stable and torch/headeronly
+// only, with TORCH_TARGET_VERSION = 2.11 (setup.py): it calls libtorch through its C shim,
+// never through a C++ symbol, so one binary loads beside every torch from 2.11 on. This
+// header gives the host code the few tensor operations it needs, named as ATen names them;
+// what the stable API lacks is done here with sizes and pointers, or in Python.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace ganops {
+
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using DeviceType = torch::headeronly::DeviceType;
+using Device = torch::stable::Device;
+using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
+// What a Tensor[] argument of a schema arrives as.
+using TensorList = std::vector<Tensor>;
+
+// contiguous (t itself when it is contiguous already, else a contiguous copy), empty_like,
+// clone, zero_, narrow and copy_ are the stable API's own.
+using torch::stable::clone;
+using torch::stable::contiguous;
+using torch::stable::copy_;
+using torch::stable::empty_like;
+using torch::stable::narrow;
+using torch::stable::zero_;
+
+// A new tensor's dtype and device (what ATen's TensorOptions says here): options(t) for t's,
+// options(t).dtype(d) for t's device with another dtype. The device defaults to the CPU.
+struct Options {
+  ScalarType dtype_ = ScalarType::Float;
+  Device device_ = Device(DeviceType::CPU);
+
+  Options dtype(ScalarType d) const { return {d, device_}; }
+  Options device(Device d) const { return {dtype_, d}; }
+};
+inline Options options(const Tensor& t) { return {t.scalar_type(), t.device()}; }
+
+inline Tensor empty(IntArrayRef sizes, ScalarType dtype, Device device) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, device);
+}
+// A new tensor of `sizes` with like's dtype and device.
+inline Tensor empty(IntArrayRef sizes, const Tensor& like) { return empty(sizes, like.scalar_type(), like.device()); }
+inline Tensor empty(IntArrayRef sizes, const Options& o) { return empty(sizes, o.dtype_, o.device_); }
+inline Tensor zeros(IntArrayRef sizes, ScalarType dtype, Device device) {
+  Tensor t = empty(sizes, dtype, device);
+  zero_(t);
+  return t;
+}
+inline Tensor zeros(IntArrayRef sizes, const Tensor& like) { return zeros(sizes, like.scalar_type(), like.device()); }
+inline Tensor zeros(IntArrayRef sizes, const Options& o) { return zeros(sizes, o.dtype_, o.device_); }
+inline Tensor zeros_like(const Tensor& t) { return zeros(t.sizes(), t); }
+inline Tensor full(IntArrayRef sizes, double value, const Tensor& like) {
+  Tensor t = empty(sizes, like);
+  torch::stable::fill_(t, value);
+  return t;
+}
+inline Tensor to_dtype(const Tensor& t, ScalarType dtype) { return torch::stable::to(t, dtype); }
+
+// Whether a and b start at the same memory (contiguous(t) returned t itself).
+inline bool same_data(const Tensor& a, const Tensor& b) { return a.data_ptr() == b.data_ptr(); }
+
+// Sizes as ATen prints them, for error messages: "[2, 3, 4]".
+inline std::string shape_text(IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << "]";
+  return out.str();
+}
+inline std::string shape_text(const Tensor& t) { return shape_text(t.sizes()); }
+
+// "cpu", "cuda" (lower case), or "CPU", "CUDA", as torch names a device type.
+inline std::string device_type_text(DeviceType type, bool lower_case = false) {
+  switch (type) {
+    case DeviceType::CPU: return lower_case ? "cpu" : "CPU";
+    case DeviceType::CUDA: return lower_case ? "cuda" : "CUDA";
+    case DeviceType::Meta: return lower_case ? "meta" : "META";
+    default: return lower_case ? "other" : "OTHER";
+  }
+}
+// A device as torch prints it: "cpu", "cuda:0".
+inline std::string device_text(const Device& device) {
+  std::string text = device_type_text(device.type(), true);
+  if (device.index() >= 0) text += ":" + std::to_string(device.index());
+  return text;
+}
+inline std::string device_text(const Tensor& t) { return device_text(t.device()); }
+
+// A layout as torch prints it ("Strided", "Sparse", ...), for error messages.
+inline std::string layout_text(torch::headeronly::Layout layout) {
+  using torch::headeronly::Layout;
+  switch (layout) {
+    case Layout::Strided: return "Strided";
+    case Layout::Sparse: return "Sparse";
+    case Layout::SparseCsr: return "SparseCsr";
+    case Layout::SparseCsc: return "SparseCsc";
+    case Layout::SparseBsr: return "SparseBsr";
+    case Layout::SparseBsc: return "SparseBsc";
+    case Layout::Mkldnn: return "Mkldnn";
+    default: return "non-strided";
+  }
+}
+
+}  // namespace ganops
