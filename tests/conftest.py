@@ -130,7 +130,9 @@ def pytest_report_header(config):
         f"triton {info['triton_version'] or 'not installed'}"
         f"{', TRITON_INTERPRET=1' if ganops._backend.triton_interpret() else ''}",
         f"ganops {info['version']} from {os.path.dirname(ganops.__file__)}, built against torch "
-        f"{info['torch_version']}, CUDA kernels: {info['cuda_kernels']} ({info['cuda_kernels_reason']})",
+        f"{info['torch_version']}, CUDA kernels: {info['cuda_kernels']} ({info['cuda_kernels_reason']}), "
+        f"loaded here: {info['cuda_kernels_loaded']}"
+        f"{'' if info['cuda_kernels_loaded'] else ' (' + str(info['cuda_kernels_error']) + ')'}",
     ]
     if not info["extension_loaded"]:
         lines.append(f"ganops compiled ops not loaded: {info['extension_error']}")

@@ -343,11 +343,12 @@ def step_build(report: Report, python: str, capability: str | None) -> Step:
     if step.status == "passed":
         check = subprocess.run([python, "-c", "import ganops, json; i = ganops.build_info(); "
                                 "print(json.dumps({k: i[k] for k in ('version', 'torch_version', 'cuda_kernels', "
-                                "'extension_loaded', 'extension_error', 'available_backends')}))"],
+                                "'extension_loaded', 'extension_error', 'cuda_kernels_loaded', 'cuda_kernels_error', "
+                                "'available_backends')}))"],
                                capture_output=True, text=True, cwd=ROOT, timeout=120)
         info = json.loads(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else {}
         step.data["build_info"] = info
-        if not (info.get("extension_loaded") and info.get("cuda_kernels")):
+        if not (info.get("extension_loaded") and info.get("cuda_kernels_loaded")):
             step.status = "failed"
             step.detail += f"; the CUDA kernels do not load: {info or check.stderr[-500:]}"
     report.add(step)
