@@ -62,6 +62,8 @@ done
 "$work/audit/bin/abi3audit" --strict --verbose "$wheel"
 
 check_installed() {  # venv, expected CPU backends, whether the CUDA kernels must load
+    # From $work: the source tree's ganops must not shadow the installed one.
+    cd "$work"
     TRITON_INTERPRET=1 "$1/bin/python" - "$2" "$3" <<'PY'
 import os, sys, warnings
 with warnings.catch_warnings(record=True) as caught:
@@ -83,6 +85,7 @@ assert abs(total.item() - 48 ** 0.5) < 1e-5 and abs(p.grad.norm().item() - 1.0) 
 print(f"beside torch {torch.__version__}: ganops {info['version']} loads its CPU kernels"
       f"{' and its CUDA kernels' if cuda_expected else ''}; backends on CPU: {expected_backends}")
 PY
+    cd - > /dev/null
 }
 
 run_suite() {  # venv
