@@ -32,12 +32,12 @@ void for_each_task(const SampleChunks& s, F&& task) {
 template <typename Acc>
 Acc inv_scale_value(const std::optional<Tensor>& inv_scale, const Tensor& grads) {
   check_inv_scale(inv_scale, grads);
-  return inv_scale.has_value() ? contiguous(*inv_scale).const_data_ptr<Acc>()[0] : Acc(1);
+  return inv_scale.has_value() ? as_contiguous(*inv_scale).const_data_ptr<Acc>()[0] : Acc(1);
 }
 
 Tensor interpolate_cpu(const Tensor& real, const Tensor& fake, const Tensor& alpha) {
   const SampleChunks s = check_interpolate_inputs(real, fake, alpha, DeviceType::CPU);
-  const Tensor r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  const Tensor r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
   Tensor out = empty_like(r);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cpu", [&] {
     using Acc = acc_t<scalar_t>;
@@ -61,7 +61,7 @@ std::tuple<Tensor, Tensor, Tensor> interpolate_backward_cpu(const Tensor& grad,
                                                                          const Tensor& alpha, bool need_real,
                                                                          bool need_fake, bool need_alpha) {
   const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, DeviceType::CPU);
-  const Tensor g = contiguous(grad), r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  const Tensor g = as_contiguous(grad), r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
   Tensor grad_real = need_real ? empty_like(g) : empty({0}, g);
   Tensor grad_fake = need_fake ? empty_like(g) : empty({0}, g);
   Tensor grad_alpha = empty({need_alpha ? a.size(0) : 0}, a);
@@ -103,7 +103,7 @@ std::tuple<Tensor, Tensor> gradient_norm_penalty_cpu(const Tensor& grads,
                                                              const std::optional<Tensor>& inv_scale,
                                                              double center, bool one_sided, double weight) {
   const SampleChunks s = check_samples(grads, "grads", DeviceType::CPU);
-  const Tensor g = contiguous(grads);
+  const Tensor g = as_contiguous(grads);
   Tensor sumsq = empty({s.n_samples}, options(g).dtype(acc_dtype(g.scalar_type())));
   Tensor penalty = empty({}, options(g));
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_cpu", [&] {
@@ -128,12 +128,12 @@ Tensor gradient_norm_penalty_backward_cpu(const Tensor& grad_penalty, const Tens
                                               const Tensor& sumsq, const std::optional<Tensor>& inv_scale,
                                               double center, bool one_sided, double weight) {
   const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, DeviceType::CPU);
-  const Tensor g = contiguous(grads);
-  const Tensor ss = contiguous(sumsq);
+  const Tensor g = as_contiguous(grads);
+  const Tensor ss = as_contiguous(sumsq);
   Tensor out = empty_like(g);
   double go = 0;
   GANOPS_DISPATCH_FLOATING_TYPES(grad_penalty.scalar_type(), "grad_penalty_value", [&] {
-    go = static_cast<double>(contiguous(grad_penalty).const_data_ptr<scalar_t>()[0]);
+    go = static_cast<double>(as_contiguous(grad_penalty).const_data_ptr<scalar_t>()[0]);
   });
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;

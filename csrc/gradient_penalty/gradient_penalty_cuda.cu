@@ -116,14 +116,14 @@ __global__ void __launch_bounds__(kThreads)
 // The inverse scale on the device, or an undefined tensor without one.
 Tensor inv_scale_tensor(const std::optional<Tensor>& inv_scale, const Tensor& grads) {
   check_inv_scale(inv_scale, grads);
-  return inv_scale.has_value() ? contiguous(*inv_scale) : Tensor();
+  return inv_scale.has_value() ? as_contiguous(*inv_scale) : Tensor();
 }
 
 Tensor interpolate_cuda(const Tensor& real, const Tensor& fake, const Tensor& alpha) {
   const SampleChunks s = check_interpolate_inputs(real, fake, alpha, DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "interpolate");
   CudaDeviceGuard guard(real);
-  const Tensor r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  const Tensor r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
   Tensor out = empty_like(r);
   const cudaStream_t stream = current_stream(real);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cuda", [&] {
@@ -144,7 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> interpolate_backward_cuda(const Tensor& grad,
   const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "interpolate_backward");
   CudaDeviceGuard guard(real);
-  const Tensor g = contiguous(grad), r = contiguous(real), f = contiguous(fake), a = contiguous(alpha);
+  const Tensor g = as_contiguous(grad), r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
   Tensor grad_real = need_real ? empty_like(g) : empty({0}, g);
   Tensor grad_fake = need_fake ? empty_like(g) : empty({0}, g);
   Tensor grad_alpha = empty({need_alpha ? s.n_samples : 0}, a);
@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor> gradient_norm_penalty_cuda(const Tensor& grads,
   const SampleChunks s = check_samples(grads, "grads", DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "gradient_norm_penalty");
   CudaDeviceGuard guard(grads);
-  const Tensor g = contiguous(grads);
+  const Tensor g = as_contiguous(grads);
   const Tensor scale = inv_scale_tensor(inv_scale, g);
   const auto acc_opts = options(g).dtype(acc_dtype(g.scalar_type()));
   Tensor partials = empty({s.total_chunks()}, acc_opts);
@@ -202,11 +202,11 @@ Tensor gradient_norm_penalty_backward_cuda(const Tensor& grad_penalty, const Ten
   const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, DeviceType::CUDA);
   const unsigned int blocks = grid_x(s.total_chunks(), "gradient_norm_penalty_backward");
   CudaDeviceGuard guard(grads);
-  const Tensor g = contiguous(grads);
-  const Tensor ss = contiguous(sumsq);
+  const Tensor g = as_contiguous(grads);
+  const Tensor ss = as_contiguous(sumsq);
   // In the accumulation dtype, as the CPU and Triton kernels read it: rounding a float32
   // ∂loss/∂penalty to half first would change the gradient.
-  const Tensor go = contiguous(to_dtype(grad_penalty, acc_dtype(g.scalar_type())));
+  const Tensor go = as_contiguous(to_dtype(grad_penalty, acc_dtype(g.scalar_type())));
   const Tensor scale = inv_scale_tensor(inv_scale, g);
   Tensor out = empty_like(g);
   const cudaStream_t stream = current_stream(grads);

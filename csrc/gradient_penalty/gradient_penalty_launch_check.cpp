@@ -69,7 +69,7 @@ LaunchCheck cuda_launch_check(const Tensor& grads, const Tensor& real, const Ten
   // expanded tensor too large to exist.
   grid_x(s.total_chunks(), "gradient_norm_penalty");
   return GANOPS_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_penalty_launch_check", [&] {
-    return launch_check_impl<scalar_t>(contiguous(grads), contiguous(real), contiguous(fake), s, center,
+    return launch_check_impl<scalar_t>(as_contiguous(grads), as_contiguous(real), as_contiguous(fake), s, center,
                                        one_sided, weight);
   });
 }

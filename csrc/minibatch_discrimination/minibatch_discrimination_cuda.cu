@@ -48,7 +48,7 @@ Tensor minibatch_discrimination_cuda(const Tensor& M_in, bool exclude_self) {
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination");
   CudaDeviceGuard guard(M_in);
-  const Tensor M = contiguous(M_in);
+  const Tensor M = as_contiguous(M_in);
   Tensor out = empty({N, B}, options(M));
   if (N * B == 0) return out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_cuda", [&] {
@@ -66,7 +66,7 @@ Tensor minibatch_discrimination_backward_cuda(const Tensor& grad_in, const Tenso
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination_backward");
   CudaDeviceGuard guard(M_in);
-  const Tensor M = contiguous(M_in), grad = contiguous(grad_in);
+  const Tensor M = as_contiguous(M_in), grad = as_contiguous(grad_in);
   Tensor out;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor> minibatch_discrimination_double_backward_cuda(const T
   const int64_t N = M_in.size(0), B = M_in.size(1), C = M_in.size(2);
   const unsigned int blocks = grid_x(num_blocks(N, B), "minibatch_discrimination_double_backward");
   CudaDeviceGuard guard(M_in);
-  const Tensor M = contiguous(M_in), grad = contiguous(grad_in), h = contiguous(h_in);
+  const Tensor M = as_contiguous(M_in), grad = as_contiguous(grad_in), h = as_contiguous(h_in);
   Tensor d_grad = empty({N, B}, options(M));
   Tensor d_M;
   GANOPS_DISPATCH_FLOATING_TYPES(M.scalar_type(), "minibatch_discrimination_double_backward_cuda", [&] {

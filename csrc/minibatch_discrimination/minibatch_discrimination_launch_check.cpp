@@ -25,7 +25,7 @@ LaunchCheck cuda_launch_check(const Tensor& M_in, const Tensor& grad_in, const T
   // The CUDA host code's check, before anything is made contiguous: a test passes an
   // expanded tensor too large to exist.
   grid_x(num_blocks(N, B), "minibatch_discrimination");
-  const Tensor M = contiguous(M_in), grad = contiguous(grad_in), h = contiguous(h_in);
+  const Tensor M = as_contiguous(M_in), grad = as_contiguous(grad_in), h = as_contiguous(h_in);
   const Coverage rows({N, B});
   const auto acc_opts = options(M).dtype(acc_dtype(M.scalar_type()));
   Tensor o = zeros({N, B}, acc_opts), dM = zeros({N, B, C}, acc_opts);

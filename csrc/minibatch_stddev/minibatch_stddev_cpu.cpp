@@ -117,7 +117,7 @@ Acc stats_partial(const T* x, const Layout& l, int64_t b) {
 
 Tensor minibatch_stddev_cpu(const Tensor& x, int64_t group_size, int64_t num_channels) {
   const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor out = empty({x.size(0), x.size(1) + num_channels, x.size(2), x.size(3)}, options(xc));
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_cpu", [&] {
     using Acc = acc_t<scalar_t>;
@@ -145,7 +145,7 @@ Tensor minibatch_stddev_backward_cpu(const Tensor& grad, const Tensor& x, int64_
                                          int64_t num_channels) {
   const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
   check_grad(grad, x, num_channels);
-  const Tensor xc = contiguous(x), gc = contiguous(grad);
+  const Tensor xc = as_contiguous(x), gc = as_contiguous(grad);
   Tensor grad_x = empty_like(xc);
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;

@@ -63,7 +63,7 @@ unsigned int grid(int64_t blocks) {
 Tensor minibatch_stddev_cuda(const Tensor& x, int64_t group_size, int64_t num_channels) {
   const Layout l = check_input(x, group_size, num_channels, DeviceType::CUDA);
   CudaDeviceGuard guard(x);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor out = empty({x.size(0), x.size(1) + num_channels, x.size(2), x.size(3)}, options(xc));
   const auto acc_opts = options(xc).dtype(acc_dtype(xc.scalar_type()));
   Tensor partials = empty({l.tasks()}, acc_opts);
@@ -91,7 +91,7 @@ Tensor minibatch_stddev_backward_cuda(const Tensor& grad, const Tensor& x, int64
   const Layout l = check_input(x, group_size, num_channels, DeviceType::CUDA);
   check_grad(grad, x, num_channels);
   CudaDeviceGuard guard(x);
-  const Tensor xc = contiguous(x), gc = contiguous(grad);
+  const Tensor xc = as_contiguous(x), gc = as_contiguous(grad);
   Tensor grad_x = empty_like(xc);
   Tensor k = empty({l.stats()}, options(xc).dtype(acc_dtype(xc.scalar_type())));
   const cudaStream_t stream = current_stream(x);

@@ -70,7 +70,7 @@ LaunchCheck cuda_launch_check(const Tensor& x, const Tensor& grad, int64_t group
   const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
   check_grad(grad, x, num_channels);
   return GANOPS_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minibatch_stddev_launch_check", [&] {
-    return launch_check_impl<scalar_t>(contiguous(x), contiguous(grad), l);
+    return launch_check_impl<scalar_t>(as_contiguous(x), as_contiguous(grad), l);
   });
 }
 

@@ -554,7 +554,7 @@ inline std::array<Tensor, 3> check_cotangents(const std::optional<Tensor>& grad_
   for (int t = 0; t < 3; ++t) {
     if (!given[t]->has_value() || !(*given[t])->defined()) continue;
     check_operand(**given[t], names[t], shapes[t], query);
-    out[t] = contiguous(**given[t]);
+    out[t] = as_contiguous(**given[t]);
   }
   return out;
 }

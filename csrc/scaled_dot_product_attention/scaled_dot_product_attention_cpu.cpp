@@ -84,7 +84,7 @@ Sizes check_inputs(const Tensor& query, const Tensor& key, const Tensor& value) 
   return {query.size(0), query.size(1), key.size(1), query.size(2), value.size(2)};
 }
 
-Tensor in_acc(const Tensor& t) { return contiguous(to_dtype(t, acc_dtype(t.scalar_type()))); }
+Tensor in_acc(const Tensor& t) { return as_contiguous(to_dtype(t, acc_dtype(t.scalar_type()))); }
 
 // Runs body() compiled for the best ISA this CPU has: the tiles' elementwise loops.
 template <typename Body>
@@ -378,7 +378,7 @@ Saved check_saved(const Sizes& n, const Tensor& query, const Tensor& grad_out, c
                   acc_dtype(query.scalar_type()), ", got ", logsumexp.scalar_type());
   STD_TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == n.B && logsumexp.size(1) == n.L,
                   "logsumexp must be (B, L) = (", n.B, ", ", n.L, "), got ", shape_text(logsumexp));
-  return {in_acc(grad_out), in_acc(out), contiguous(logsumexp)};
+  return {in_acc(grad_out), in_acc(out), as_contiguous(logsumexp)};
 }
 
 template <typename Acc>

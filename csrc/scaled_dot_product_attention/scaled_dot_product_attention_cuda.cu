@@ -105,7 +105,7 @@ std::tuple<Tensor, Tensor> scaled_dot_product_attention_cuda(const Tensor& query
                                                                       bool is_causal) {
   const Sizes n = check_inputs(query, key, value, is_causal, DeviceType::CUDA);
   CudaDeviceGuard guard(query);
-  const Tensor q = contiguous(query), k = contiguous(key), v = contiguous(value);
+  const Tensor q = as_contiguous(query), k = as_contiguous(key), v = as_contiguous(value);
   Tensor out = empty({n.B, n.L, n.Ev}, options(q));
   Tensor lse = empty({n.B, n.L}, options(q).dtype(acc_dtype(q.scalar_type())));
   if (n.B * n.L == 0) return {out, lse};
@@ -130,8 +130,8 @@ std::tuple<Tensor, Tensor, Tensor> scaled_dot_product_attention_backward_cuda(
   const Sizes n = check_inputs(query, key, value, is_causal, DeviceType::CUDA);
   check_saved(grad_out, out, logsumexp, query, n);
   CudaDeviceGuard guard(query);
-  const Tensor q = contiguous(query), k = contiguous(key), v = contiguous(value);
-  const Tensor go = contiguous(grad_out), o_saved = contiguous(out), lse = contiguous(logsumexp);
+  const Tensor q = as_contiguous(query), k = as_contiguous(key), v = as_contiguous(value);
+  const Tensor go = as_contiguous(grad_out), o_saved = as_contiguous(out), lse = as_contiguous(logsumexp);
   Tensor grad_q = empty_like(q), grad_k = empty_like(k), grad_v = empty_like(v);
   // No query row: nothing flows to the keys (the column-side kernel would write these zeros).
   if (n.B * n.L == 0) return {grad_q, zero_(grad_k), zero_(grad_v)};
@@ -166,8 +166,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scaled_dot_product_attention_double_b
   const std::array<Tensor, 3> cotangents =
       check_cotangents(grad_grad_query, grad_grad_key, grad_grad_value, query, n);
   CudaDeviceGuard guard(query);
-  const Tensor q = contiguous(query), k = contiguous(key), v = contiguous(value);
-  const Tensor go = contiguous(grad_out), o_saved = contiguous(out), lse = contiguous(logsumexp);
+  const Tensor q = as_contiguous(query), k = as_contiguous(key), v = as_contiguous(value);
+  const Tensor go = as_contiguous(grad_out), o_saved = as_contiguous(out), lse = as_contiguous(logsumexp);
   Tensor grad_grad_out = empty_like(go);
   Tensor grad_q = empty_like(q), grad_k = empty_like(k), grad_v = empty_like(v);
   if (n.B * n.L == 0) return {grad_grad_out, grad_q, zero_(grad_k), zero_(grad_v)};

@@ -121,8 +121,8 @@ LaunchCheck cuda_launch_check(const Tensor& query, const Tensor& key, const Tens
   const std::array<Tensor, 3> cotangents =
       check_cotangents(grad_grad_query, grad_grad_key, grad_grad_value, query, n);
   return GANOPS_DISPATCH_FLOATING_TYPES(query.scalar_type(), "scaled_dot_product_attention_launch_check", [&] {
-    return launch_check_impl<scalar_t>(n, scale, contiguous(query), contiguous(key), contiguous(value),
-                                       contiguous(grad_out), cotangents);
+    return launch_check_impl<scalar_t>(n, scale, as_contiguous(query), as_contiguous(key), as_contiguous(value),
+                                       as_contiguous(grad_out), cotangents);
   });
 }
 

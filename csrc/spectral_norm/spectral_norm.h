@@ -268,7 +268,7 @@ inline ForwardInputs forward_inputs(const Tensor& weight, const Tensor& u, const
                                     int64_t n_power_iterations) {
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   STD_TORCH_CHECK(n_power_iterations >= 0, "n_power_iterations must be >= 0, got ", n_power_iterations);
-  return {s, contiguous(weight), contiguous(u), contiguous(v)};
+  return {s, as_contiguous(weight), as_contiguous(u), as_contiguous(v)};
 }
 
 // The forward's outputs, alike for the CPU and CUDA kernels. The buffers u, v were iterated
@@ -297,7 +297,7 @@ inline BackwardInputs backward_inputs(const Tensor& grad, const std::optional<Te
   check_like(weight, "weight", grad, "grad");
   const bool has_grad_sigma = grad_sigma.has_value() && grad_sigma->defined();
   if (has_grad_sigma) check_sigma(*grad_sigma, weight);
-  return {s, contiguous(weight), contiguous(grad), contiguous(u), contiguous(v), has_grad_sigma};
+  return {s, as_contiguous(weight), as_contiguous(grad), as_contiguous(u), as_contiguous(v), has_grad_sigma};
 }
 
 }  // namespace ganops::spectral_norm

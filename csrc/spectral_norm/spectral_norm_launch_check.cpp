@@ -134,7 +134,7 @@ LaunchCheck cuda_launch_check(const Tensor& weight, const Tensor& u, const Tenso
   const MatrixShape s = check_weight_u_v(weight, u, v, dim);
   check_like(weight, "weight", grad, "grad");
   return GANOPS_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spectral_norm_launch_check", [&] {
-    return launch_check_impl<scalar_t>(contiguous(weight), contiguous(u), contiguous(v), contiguous(grad), s,
+    return launch_check_impl<scalar_t>(as_contiguous(weight), as_contiguous(u), as_contiguous(v), as_contiguous(grad), s,
                                        eps);
   });
 }

@@ -12,7 +12,7 @@ namespace ganops {
 inline std::vector<Tensor> contiguous_all(const TensorList& tensors) {
   std::vector<Tensor> out;
   out.reserve(tensors.size());
-  for (const auto& t : tensors) out.push_back(contiguous(t));
+  for (const auto& t : tensors) out.push_back(as_contiguous(t));
   return out;
 }
 

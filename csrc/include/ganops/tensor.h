@@ -27,10 +27,8 @@ using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
 // What a Tensor[] argument of a schema arrives as.
 using TensorList = std::vector<Tensor>;
 
-// contiguous (t itself when it is contiguous already, else a contiguous copy), empty_like,
-// clone, zero_, narrow and copy_ are the stable API's own.
+// empty_like, clone, zero_, narrow and copy_ are the stable API's own.
 using torch::stable::clone;
-using torch::stable::contiguous;
 using torch::stable::copy_;
 using torch::stable::empty_like;
 using torch::stable::narrow;
@@ -66,9 +64,14 @@ inline Tensor full(IntArrayRef sizes, double value, const Tensor& like) {
   torch::stable::fill_(t, value);
   return t;
 }
+// t itself when it is contiguous, else a contiguous copy. Asked first here: the stable
+// contiguous() is an op call through the dispatcher (a microsecond or two) even for a tensor
+// that is contiguous already, and clipping makes one per gradient (2000 gradients: 5.4 ms
+// against 2.3 ms with ATen's inline check, before this test).
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 inline Tensor to_dtype(const Tensor& t, ScalarType dtype) { return torch::stable::to(t, dtype); }
 
-// Whether a and b start at the same memory (contiguous(t) returned t itself).
+// Whether a and b start at the same memory (as_contiguous(t) returned t itself).
 inline bool same_data(const Tensor& a, const Tensor& b) { return a.data_ptr() == b.data_ptr(); }
 
 // Sizes as ATen prints them, for error messages: "[2, 3, 4]".
