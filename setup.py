@@ -49,6 +49,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -265,14 +266,22 @@ class BuildExtensionInTree(BuildExtension.with_options(use_ninja=True)):
 
 
 def _remove_stale_extensions(package_dir):
-    """Deletes the compiled modules in package_dir that this build does not make. The output
-    folder outlives a build: pip builds in build/lib of the source tree, so an earlier build
-    with other switches (the launch checks of `make test TORCH=...`) or against another torch
-    would otherwise end up in the wheel."""
-    made = {ext.name.rsplit(".", 1)[-1] for ext in extensions}
+    """Deletes the compiled modules in package_dir that this build does not make, by file
+    name. The output folder outlives a build: pip builds in build/lib of the source tree, so
+    an earlier build with other switches (the launch checks of `make test TORCH=...`) would
+    otherwise end up in the wheel; and a module of the same name built before the stable ABI
+    (_C.cpython-311-x86_64-linux-gnu.so beside the new _C.abi3.so) would be the one Python
+    imports, since it tries the interpreter's own suffix before abi3's."""
+    made = {_module_file_name(ext) for ext in extensions}
     for path in glob.glob(os.path.join(package_dir, "_C*.so")):
-        if os.path.basename(path).split(".", 1)[0] not in made:
+        if os.path.basename(path) not in made:
             os.remove(path)
+
+
+def _module_file_name(ext):
+    """_C.abi3.so for a limited-API module, _C.cpython-311-x86_64-linux-gnu.so otherwise."""
+    suffix = ".abi3.so" if getattr(ext, "py_limited_api", False) else sysconfig.get_config_var("EXT_SUFFIX")
+    return ext.name.rsplit(".", 1)[-1] + suffix
 
 
 class BuildPyWithoutStaleExtensions(build_py):
