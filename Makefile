@@ -85,7 +85,8 @@ wheel: $(VENV)/.requirements
 	@ls -l dist/ganops-*.whl
 
 # The wheel's ABI audit, then the wheel installed in clean environments beside torch 2.14.1
-# and beside torch 2.13.0, the whole suite in each.
+# (the suite, less the interpreted Triton runs `make test` makes) and beside torch 2.13.0
+# (the whole suite).
 wheel-check: wheel
 	PYTEST_WORKERS="$(PYTEST_WORKERS)" bash tools/check_wheel.sh
 
