@@ -38,7 +38,7 @@ Acc inv_scale_value(const std::optional<Tensor>& inv_scale, const Tensor& grads)
 Tensor interpolate_cpu(const Tensor& real, const Tensor& fake, const Tensor& alpha) {
   const SampleChunks s = check_interpolate_inputs(real, fake, alpha, DeviceType::CPU);
   const Tensor r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
-  Tensor out = empty_like(r);
+  Tensor out = empty(r.sizes(), r);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
@@ -62,8 +62,8 @@ std::tuple<Tensor, Tensor, Tensor> interpolate_backward_cpu(const Tensor& grad,
                                                                          bool need_fake, bool need_alpha) {
   const SampleChunks s = check_interpolate_backward_inputs(grad, real, fake, alpha, DeviceType::CPU);
   const Tensor g = as_contiguous(grad), r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
-  Tensor grad_real = need_real ? empty_like(g) : empty({0}, g);
-  Tensor grad_fake = need_fake ? empty_like(g) : empty({0}, g);
+  Tensor grad_real = need_real ? empty(g.sizes(), g) : empty({0}, g);
+  Tensor grad_fake = need_fake ? empty(g.sizes(), g) : empty({0}, g);
   Tensor grad_alpha = empty({need_alpha ? a.size(0) : 0}, a);
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
@@ -130,7 +130,7 @@ Tensor gradient_norm_penalty_backward_cpu(const Tensor& grad_penalty, const Tens
   const SampleChunks s = check_penalty_backward_inputs(grad_penalty, grads, sumsq, DeviceType::CPU);
   const Tensor g = as_contiguous(grads);
   const Tensor ss = as_contiguous(sumsq);
-  Tensor out = empty_like(g);
+  Tensor out = empty(g.sizes(), g);
   double go = 0;
   GANOPS_DISPATCH_FLOATING_TYPES(grad_penalty.scalar_type(), "grad_penalty_value", [&] {
     go = static_cast<double>(as_contiguous(grad_penalty).const_data_ptr<scalar_t>()[0]);

@@ -124,7 +124,7 @@ Tensor interpolate_cuda(const Tensor& real, const Tensor& fake, const Tensor& al
   const unsigned int blocks = grid_x(s.total_chunks(), "interpolate");
   CudaDeviceGuard guard(real);
   const Tensor r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
-  Tensor out = empty_like(r);
+  Tensor out = empty(r.sizes(), r);
   const cudaStream_t stream = current_stream(real);
   GANOPS_DISPATCH_FLOATING_TYPES(r.scalar_type(), "interpolate_cuda", [&] {
     interpolate_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
@@ -145,8 +145,8 @@ std::tuple<Tensor, Tensor, Tensor> interpolate_backward_cuda(const Tensor& grad,
   const unsigned int blocks = grid_x(s.total_chunks(), "interpolate_backward");
   CudaDeviceGuard guard(real);
   const Tensor g = as_contiguous(grad), r = as_contiguous(real), f = as_contiguous(fake), a = as_contiguous(alpha);
-  Tensor grad_real = need_real ? empty_like(g) : empty({0}, g);
-  Tensor grad_fake = need_fake ? empty_like(g) : empty({0}, g);
+  Tensor grad_real = need_real ? empty(g.sizes(), g) : empty({0}, g);
+  Tensor grad_fake = need_fake ? empty(g.sizes(), g) : empty({0}, g);
   Tensor grad_alpha = empty({need_alpha ? s.n_samples : 0}, a);
   Tensor partials = empty({need_alpha ? s.total_chunks() : 0}, options(g).dtype(acc_dtype(g.scalar_type())));
   const cudaStream_t stream = current_stream(real);
@@ -208,7 +208,7 @@ Tensor gradient_norm_penalty_backward_cuda(const Tensor& grad_penalty, const Ten
   // ∂loss/∂penalty to half first would change the gradient.
   const Tensor go = as_contiguous(to_dtype(grad_penalty, acc_dtype(g.scalar_type())));
   const Tensor scale = inv_scale_tensor(inv_scale, g);
-  Tensor out = empty_like(g);
+  Tensor out = empty(g.sizes(), g);
   const cudaStream_t stream = current_stream(grads);
   GANOPS_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradient_norm_penalty_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;

@@ -146,7 +146,7 @@ Tensor minibatch_stddev_backward_cpu(const Tensor& grad, const Tensor& x, int64_
   const Layout l = check_input(x, group_size, num_channels, DeviceType::CPU);
   check_grad(grad, x, num_channels);
   const Tensor xc = as_contiguous(x), gc = as_contiguous(grad);
-  Tensor grad_x = empty_like(xc);
+  Tensor grad_x = empty(xc.sizes(), xc);
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_backward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();

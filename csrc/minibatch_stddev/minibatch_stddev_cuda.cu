@@ -92,7 +92,7 @@ Tensor minibatch_stddev_backward_cuda(const Tensor& grad, const Tensor& x, int64
   check_grad(grad, x, num_channels);
   CudaDeviceGuard guard(x);
   const Tensor xc = as_contiguous(x), gc = as_contiguous(grad);
-  Tensor grad_x = empty_like(xc);
+  Tensor grad_x = empty(xc.sizes(), xc);
   Tensor k = empty({l.stats()}, options(xc).dtype(acc_dtype(xc.scalar_type())));
   const cudaStream_t stream = current_stream(x);
   GANOPS_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "minibatch_stddev_backward_cuda", [&] {

@@ -55,7 +55,7 @@ LaunchCheck launch_check_impl(const Tensor& x, const Tensor& grad, const Layout&
     k[jf] = stat_grad_coefficient(sum, l.L);
   }
   // backward_kernel: the forward's split.
-  Tensor grad_x = empty_like(x);
+  Tensor grad_x = empty(x.sizes(), x);
   const Coverage backward_visits({x.numel()});
   for (int64_t b = 0; b < l.tasks(); ++b) {
     for (int tid = 0; tid < kThreads; ++tid) {

@@ -132,9 +132,9 @@ std::tuple<Tensor, Tensor, Tensor> scaled_dot_product_attention_backward_cuda(
   CudaDeviceGuard guard(query);
   const Tensor q = as_contiguous(query), k = as_contiguous(key), v = as_contiguous(value);
   const Tensor go = as_contiguous(grad_out), o_saved = as_contiguous(out), lse = as_contiguous(logsumexp);
-  Tensor grad_q = empty_like(q), grad_k = empty_like(k), grad_v = empty_like(v);
+  Tensor grad_q = empty(q.sizes(), q), grad_k = empty(k.sizes(), k), grad_v = empty(v.sizes(), v);
   // No query row: nothing flows to the keys (the column-side kernel would write these zeros).
-  if (n.B * n.L == 0) return {grad_q, zero_(grad_k), zero_(grad_v)};
+  if (n.B * n.L == 0) return {grad_q, ganops::zero_(grad_k), ganops::zero_(grad_v)};
   Tensor delta = empty({n.B, n.L}, options(lse));
   const cudaStream_t stream = current_stream(query);
   GANOPS_DISPATCH_FLOATING_TYPES(q.scalar_type(), "scaled_dot_product_attention_backward_cuda", [&] {
@@ -168,9 +168,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scaled_dot_product_attention_double_b
   CudaDeviceGuard guard(query);
   const Tensor q = as_contiguous(query), k = as_contiguous(key), v = as_contiguous(value);
   const Tensor go = as_contiguous(grad_out), o_saved = as_contiguous(out), lse = as_contiguous(logsumexp);
-  Tensor grad_grad_out = empty_like(go);
-  Tensor grad_q = empty_like(q), grad_k = empty_like(k), grad_v = empty_like(v);
-  if (n.B * n.L == 0) return {grad_grad_out, grad_q, zero_(grad_k), zero_(grad_v)};
+  Tensor grad_grad_out = empty(go.sizes(), go);
+  Tensor grad_q = empty(q.sizes(), q), grad_k = empty(k.sizes(), k), grad_v = empty(v.sizes(), v);
+  if (n.B * n.L == 0) return {grad_grad_out, grad_q, ganops::zero_(grad_k), ganops::zero_(grad_v)};
   Tensor stats = empty({3, n.B, n.L}, options(lse));
   const cudaStream_t stream = current_stream(query);
   GANOPS_DISPATCH_FLOATING_TYPES(q.scalar_type(), "scaled_dot_product_attention_double_backward_cuda", [&] {

@@ -49,9 +49,9 @@ LaunchCheck launch_check_impl(const Sizes& n, double scale, const Tensor& q, con
   const auto acc_options = options(q).dtype(acc_dtype(q.scalar_type()));
   Tensor out = empty({n.B, n.L, n.Ev}, options(q)), lse = empty({n.B, n.L}, acc_options);
   Tensor delta = empty({n.B, n.L}, acc_options), stats = empty({3, n.B, n.L}, acc_options);
-  Tensor grad_q = empty_like(q), grad_k = zeros_like(k), grad_v = zeros_like(v);
-  Tensor grad_grad_out = empty_like(grad_out);
-  Tensor grad_grad_q = empty_like(q), grad_grad_k = zeros_like(k), grad_grad_v = zeros_like(v);
+  Tensor grad_q = empty(q.sizes(), q), grad_k = zeros_like(k), grad_v = zeros_like(v);
+  Tensor grad_grad_out = empty(grad_out.sizes(), grad_out);
+  Tensor grad_grad_q = empty(q.sizes(), q), grad_grad_k = zeros_like(k), grad_grad_v = zeros_like(v);
 
   // Writes counted per element, the tensors one after another (the host code zero-fills dK,
   // dV, grad of K and of V only when there is no query row; the test checks they are written

@@ -279,7 +279,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> forward_result(
     const Tensor& sigma) {
   copy_back(u, uc);
   copy_back(v, vc);
-  return {out, sigma, clone(uc), clone(vc)};
+  return {out, sigma, ganops::clone(uc), ganops::clone(vc)};
 }
 
 // The backward's inputs, checked alike by the CPU and CUDA kernels, and contiguous.

@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spectral_norm_forward_cpu(
   ForwardInputs in = forward_inputs(weight, u, v, dim, n_power_iterations);
   const MatrixShape s = in.s;
   Tensor sigma;
-  Tensor out = empty_like(in.w);
+  Tensor out = empty(in.w.sizes(), in.w);
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cpu", [&] {
     using Acc = acc_t<scalar_t>;
     sigma = sigma_impl<scalar_t>(in.w, in.u, in.v, s, n_power_iterations, eps);
@@ -282,7 +282,7 @@ Tensor spectral_norm_backward_cpu(const Tensor& grad, const std::optional<Tensor
                                             const Tensor& sigma, int64_t dim) {
   const BackwardInputs in = backward_inputs(grad, grad_sigma, weight, u, v, sigma, dim);
   const MatrixShape s = in.s;
-  Tensor out = empty_like(in.w);
+  Tensor out = empty(in.w.sizes(), in.w);
   const int64_t n = in.w.numel();
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_backward_cpu", [&] {
     using T = scalar_t;

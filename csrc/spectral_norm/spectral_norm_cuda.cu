@@ -134,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spectral_norm_forward_cuda(
   // Column sums run in every iteration, and in eval mode for a matrix stored transposed.
   const bool sums_columns = n_power_iterations > 0 || transposed;
   Tensor partials = empty({sums_columns ? row_chunks(stored.rows) * stored.cols() : 0}, acc_opts);
-  Tensor out = empty_like(in.w);
+  Tensor out = empty(in.w.sizes(), in.w);
   GANOPS_DISPATCH_FLOATING_TYPES(in.w.scalar_type(), "spectral_norm_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = acc_t<T>;
@@ -188,7 +188,7 @@ Tensor spectral_norm_backward_cuda(const Tensor& grad, const std::optional<Tenso
   const MatrixShape s = in.s;
   CudaDeviceGuard guard(weight);
   const cudaStream_t stream = current_stream(weight);
-  Tensor out = empty_like(in.w);
+  Tensor out = empty(in.w.sizes(), in.w);
   const int64_t n = in.w.numel();
   const int64_t n_chunks = ceil_div(n, kChunkSize);
   const auto acc_opts = options(in.w).dtype(acc_dtype(in.w.scalar_type()));

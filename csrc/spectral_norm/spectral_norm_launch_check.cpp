@@ -81,8 +81,8 @@ LaunchCheck launch_check_impl(const Tensor& w, const Tensor& u_in, const Tensor&
   const Coverage visits({4, n});
   const Coverage mat_vec_visits = visits, mat_t_vec_visits = visits.from(n), scale_visits = visits.from(2 * n),
                  dot_visits = visits.from(3 * n);
-  Tensor u = clone(u_in);
-  Tensor v = clone(v_in);
+  Tensor u = ganops::clone(u_in);
+  Tensor v = ganops::clone(v_in);
   const T* wp = w.const_data_ptr<T>();
   const T* gp = g.const_data_ptr<T>();
   T* up = u.mutable_data_ptr<T>();
@@ -103,8 +103,8 @@ LaunchCheck launch_check_impl(const Tensor& w, const Tensor& u_in, const Tensor&
   // scale_kernel and the backward's grad_dot_kernel, a chunk per block; grad_finish_kernel,
   // one block; grad_weight_kernel.
   const int64_t n_chunks = ceil_div(n, kChunkSize);
-  Tensor scaled = empty_like(w);
-  Tensor grad_w = empty_like(w);
+  Tensor scaled = empty(w.sizes(), w);
+  Tensor grad_w = empty(w.sizes(), w);
   T* sp = scaled.mutable_data_ptr<T>();
   T* dp = grad_w.mutable_data_ptr<T>();
   const Acc inv = Acc(1) / sigma;
